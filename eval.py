@@ -1,0 +1,73 @@
+"""Evaluate a ViT/DeiT model (full precision or a quantized checkpoint) on ImageNet or on the
+embedded Fashion-MNIST test split.
+
+With no arguments it evaluates the embedded model `deit_fmnist` on the 10,000 embedded test
+images. Results go to OUTPUT/result.json next to the resolved OUTPUT/config.yaml.
+
+Examples:
+  python eval.py
+  python eval.py --config configs/deit_small_fp.yaml --data /data/imagenet --ckpt deit_small.safetensors
+  python eval.py --model deit_base_patch16_224 --ckpt deit_base.ckpt --data /data/imagenet --batch-size 64
+"""
+import argparse
+import os
+import sys
+import traceback
+
+os.environ.setdefault("GLOG_v", "3")  # MindSpore: warnings and errors only from its C++ side
+
+from src.config import ConfigError, add_arguments, output_dir, resolve, save_config  # noqa: E402
+
+EVAL_KEYS = ["model", "ckpt", "data", "split", "batch_size", "device_target", "mode", "output", "name",
+             "num_classes", "drop_head", "num_workers", "crop_pct", "interpolation", "skip_bad_images",
+             "max_images", "save_predictions", "seed"]
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML file of config keys (see src/config.py); flags override it")
+    add_arguments(p, EVAL_KEYS)
+    return p
+
+
+def main(cfg):
+    """Evaluate per the resolved config dict; writes result.json and config.yaml; returns the result."""
+    from src.data.build import build_eval_dataset, data_description
+    from src.engine import build_model, evaluate, resolve_checkpoint, setup_context, write_predictions_csv
+    from src.models import get_data_config
+    from src.utils import atomic_write_json
+
+    out = output_dir(cfg, "eval")
+    save_config(cfg, os.path.join(out, "config.yaml"))
+    setup_context(cfg["device_target"], cfg["mode"], cfg["seed"])
+    model = build_model(cfg)
+    dataset = build_eval_dataset(cfg, get_data_config(cfg["model"]))
+    print(f"evaluating {cfg['model']} on {data_description(cfg)}: {len(dataset)} images, "
+          f"batch {cfg['batch_size']}, {cfg['device_target']} {cfg['mode']} mode", flush=True)
+    res = evaluate(model, dataset, cfg["batch_size"], num_workers=cfg["num_workers"],
+                   keep_predictions=bool(cfg.get("save_predictions")))
+    predictions = res.pop("predictions", None)
+    result = {"model": cfg["model"], "checkpoint": resolve_checkpoint(cfg), "data": data_description(cfg),
+              **res, "batch_size": cfg["batch_size"], "device_target": cfg["device_target"], "mode": cfg["mode"]}
+    if predictions is not None:
+        write_predictions_csv(cfg["save_predictions"], predictions)
+        result["predictions_file"] = cfg["save_predictions"]
+    atomic_write_json(os.path.join(out, "result.json"), result)
+    print(f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  on {result['num_images']} images "
+          f"({result['skipped_images']} skipped), {result['images_per_second']:.1f} img/s -> {out}/result.json")
+    return result
+
+
+def cli(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        return main(resolve(args)) and 0
+    except (ConfigError, ValueError, FileNotFoundError, ImportError) as e:
+        if os.environ.get("VTPTQ_DEBUG"):
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,1 @@
+"""VT-PTQ: MindSpore implementation of post-training quantization for vision transformers."""

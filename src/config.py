@@ -1,0 +1,136 @@
+"""Experiment configuration: one flat YAML per experiment, defaults in one place.
+
+Precedence: DEFAULTS < the YAML file given with --config < command-line flags. A key in
+the YAML that is not in DEFAULTS is an error, as is a value of the wrong type. The resolved
+configuration is written next to the results of every run (`config.yaml`).
+"""
+import argparse
+import os
+
+import yaml
+
+from .utils import atomic_write_text
+
+# Every key, its default and what it means. Flags are the keys with '-' for '_'.
+DEFAULTS = {
+    # what to run on
+    "name": (None, "run name; outputs go to outputs/<name>/ unless --output is given"),
+    "model": ("deit_fmnist", "registered model name (see src/models/registry.py)"),
+    "ckpt": (None, "weights: .ckpt, .safetensors, .npz or .pth (None: the embedded model's checkpoint "
+                   "for deit_fmnist, random weights otherwise)"),
+    "num_classes": (None, "override the number of classes of the model"),
+    "drop_head": (False, "load a checkpoint without its classifier head (num_classes differs)"),
+    "data": ("embedded", "'embedded' (the Fashion-MNIST copy in assets/) or an ImageNet root with train/ and val/"),
+    "split": ("val", "evaluation split under the ImageNet root ('test' is used for the embedded data)"),
+    "batch_size": (100, "evaluation batch size"),
+    "num_workers": (2, "image decoding threads"),
+    "crop_pct": (None, "center-crop ratio (None: the model's default, 0.875 for DeiT at 224)"),
+    "interpolation": (None, "resize filter: bicubic, bilinear, nearest, lanczos (None: the model's default)"),
+    "skip_bad_images": (False, "skip unreadable images (counted in skipped_images) instead of failing"),
+    "max_images": (None, "evaluate only the first N images (quick checks)"),
+    "save_predictions": (None, "write per-image top-5 predictions to this CSV file"),
+    # where and how
+    "device_target": ("CPU", "CPU, GPU or Ascend"),
+    "mode": ("graph", "graph or pynative"),
+    "output": (None, "output folder for result.json and config.yaml (default outputs/<name>/)"),
+    "seed": (0, "global random seed"),
+}
+
+CHOICES = {
+    "device_target": ("CPU", "GPU", "Ascend"),
+    "mode": ("graph", "pynative"),
+    "interpolation": (None, "bicubic", "bilinear", "nearest", "lanczos"),
+}
+
+# Keys whose default is None but which hold a given type when set.
+TYPES = {"ckpt": str, "num_classes": int, "name": str, "crop_pct": float, "interpolation": str,
+         "max_images": int, "save_predictions": str, "output": str}
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the file or flag, the key and what is allowed."""
+
+
+def defaults():
+    return {k: v for k, (v, _) in DEFAULTS.items()}
+
+
+def _expected_type(key):
+    if key in TYPES:
+        return TYPES[key]
+    default = DEFAULTS[key][0]
+    return type(default) if default is not None else None
+
+
+def check_value(key, value, source):
+    """Type and choice check of one value; ints are accepted where floats are expected."""
+    if key not in DEFAULTS:
+        raise ConfigError(f"{source}: unknown key '{key}' (known keys: {', '.join(sorted(DEFAULTS))})")
+    if value is None:
+        return value
+    typ = _expected_type(key)
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if typ is not None and not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+        raise ConfigError(f"{source}: key '{key}' expects {typ.__name__}, got {value!r}")
+    if key in CHOICES and value not in CHOICES[key]:
+        allowed = ", ".join(str(c) for c in CHOICES[key] if c is not None)
+        raise ConfigError(f"{source}: key '{key}' is {value!r}; expected one of {allowed}")
+    return value
+
+
+def load_yaml(path):
+    """Read a flat YAML mapping and check every key against DEFAULTS."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path}: config file not found")
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a flat mapping of keys to values, got {type(data).__name__}")
+    return {k: check_value(k, v, path) for k, v in data.items()}
+
+
+def add_arguments(parser, keys):
+    """Add a --flag for each key (defaults None so that only given flags override)."""
+    for key in keys:
+        default, help_text = DEFAULTS[key]
+        flag = "--" + key.replace("_", "-")
+        typ = _expected_type(key)
+        if typ is bool:
+            parser.add_argument(flag, dest=key, action="store_true", default=None,
+                                help=f"{help_text} (default {default})")
+        else:
+            choices = [c for c in CHOICES.get(key, ()) if c is not None] or None
+            parser.add_argument(flag, dest=key, type=typ or str, default=None, choices=choices,
+                                metavar=None if choices else key.upper(), help=f"{help_text} (default {default})")
+
+
+def resolve(args):
+    """DEFAULTS < YAML (args.config) < flags given on the command line."""
+    cfg = defaults()
+    if getattr(args, "config", None):
+        cfg.update(load_yaml(args.config))
+        cfg["config_file"] = args.config
+    for key in DEFAULTS:
+        value = getattr(args, key, None)
+        if value is not None:
+            cfg[key] = check_value(key, value, "--" + key.replace("_", "-"))
+    return cfg
+
+
+def output_dir(cfg, kind):
+    """The run's output folder: cfg['output'] or outputs/<name or model_kind>/ (created)."""
+    out = cfg.get("output") or os.path.join("outputs", cfg.get("name") or f"{cfg['model']}_{kind}")
+    os.makedirs(out, exist_ok=True)
+    return out
+
+
+def save_config(cfg, path):
+    """Write the resolved config (only schema keys, in schema order) as YAML."""
+    body = {k: cfg[k] for k in DEFAULTS if k in cfg}
+    atomic_write_text(path, yaml.safe_dump(body, sort_keys=False))

@@ -1,0 +1,47 @@
+"""Build the evaluation data set and calibration images named by a config."""
+import os
+
+from .fmnist import EmbeddedFMNIST
+
+
+def data_transform_config(cfg, model_data_cfg):
+    """The model's preprocessing with the config's overrides (crop_pct, interpolation)."""
+    out = dict(model_data_cfg)
+    for key in ("crop_pct", "interpolation"):
+        if cfg.get(key) is not None:
+            out[key] = cfg[key]
+    return out
+
+
+def is_embedded(cfg):
+    return cfg.get("data") in (None, "", "embedded")
+
+
+def build_eval_dataset(cfg, model_data_cfg):
+    """The evaluation split named by cfg['data'] / cfg['split'] with the model's preprocessing.
+
+    'embedded' gives the 10,000-image Fashion-MNIST test split carried in assets/ (only for
+    models whose data config says dataset 'fmnist'); anything else is an ImageNet root."""
+    tcfg = data_transform_config(cfg, model_data_cfg)
+    if is_embedded(cfg):
+        if tcfg.get("dataset") != "fmnist":
+            raise ValueError(f"data 'embedded' is the Fashion-MNIST test split, which model "
+                             f"'{cfg['model']}' does not take; give --data IMAGENET_ROOT")
+        return EmbeddedFMNIST("test", tcfg["mean"], tcfg["std"], max_images=cfg.get("max_images"))
+    from .imagenet import ImageFolderDataset, build_eval_transform
+    if tcfg.get("dataset") != "imagenet":
+        raise ValueError(f"model '{cfg['model']}' takes the embedded Fashion-MNIST data, not an "
+                         f"ImageNet folder ({cfg['data']})")
+    transform = build_eval_transform(tcfg["input_size"], tcfg["mean"], tcfg["std"],
+                                     crop_pct=tcfg["crop_pct"], interpolation=tcfg["interpolation"])
+    ds = ImageFolderDataset(cfg["data"], cfg.get("split", "val"), transform=transform,
+                            skip_bad_images=cfg.get("skip_bad_images", False))
+    if cfg.get("max_images") is not None:
+        ds.samples = ds.samples[:cfg["max_images"]]
+    return ds
+
+
+def data_description(cfg):
+    if is_embedded(cfg):
+        return "embedded:fmnist_test"
+    return os.path.join(cfg["data"], cfg.get("split", "val"))

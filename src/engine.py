@@ -1,0 +1,107 @@
+"""Evaluation loop shared by eval.py and quant.py."""
+import csv
+import io
+import os
+import time
+
+import numpy as np
+import mindspore as ms
+
+from .utils import Progress, atomic_write_text
+
+
+def setup_context(device_target="CPU", mode="graph", seed=0):
+    """Set MindSpore's device and execution mode ('graph' or 'pynative') and the global seed."""
+    ms.set_device(device_target)
+    ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
+    ms.set_seed(seed)
+    np.random.seed(seed)
+
+
+def softmax(logits):
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def pad_batch(images, batch_size):
+    """Zero-pad a partial batch to `batch_size` rows (GRAPH mode then compiles one shape)."""
+    n = len(images)
+    if n >= batch_size:
+        return images
+    return np.concatenate([images, np.zeros((batch_size - n,) + images.shape[1:], images.dtype)])
+
+
+def predict(model, images, batch_size):
+    """Logits float32 (N, classes) of numpy images (N, C, H, W), in batches of `batch_size`."""
+    model.set_train(False)
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = images[i:i + batch_size]
+        out.append(model(ms.Tensor(pad_batch(x, batch_size))).asnumpy()[:len(x)])
+    return np.concatenate(out)
+
+
+def evaluate(model, dataset, batch_size, num_workers=2, keep_predictions=False, desc="eval", indices=None):
+    """Top-1/top-5 of `model` on `dataset` (anything with iter_batches). Never shuffles and
+    never drops the last partial batch (it is zero-padded and the padding ignored).
+
+    Returns dict(num_images, skipped_images, top1, top5, correct1, correct5, seconds,
+    images_per_second) and, with keep_predictions, 'predictions': list of
+    (name, label, top5 indices, top5 probabilities)."""
+    model.set_train(False)
+    total = len(dataset) if indices is None else len(indices)
+    progress = Progress(total, desc=desc)
+    correct1 = correct5 = count = 0
+    predictions = []
+    start = time.time()
+    for images, labels, names in dataset.iter_batches(batch_size, indices=indices, num_workers=num_workers):
+        n = len(labels)
+        logits = model(ms.Tensor(pad_batch(images, batch_size))).asnumpy()[:n]
+        k = min(5, logits.shape[1])
+        top = np.argsort(-logits, axis=1, kind="stable")[:, :k]
+        correct1 += int((top[:, 0] == labels).sum())
+        correct5 += int((top == labels[:, None]).any(axis=1).sum())
+        count += n
+        if keep_predictions:
+            probs = np.take_along_axis(softmax(logits), top, axis=1)
+            predictions.extend(zip(names, labels.tolist(), top.tolist(), probs.tolist()))
+        progress.update(n)
+    seconds = time.time() - start
+    if count == 0:
+        raise ValueError("no images were evaluated (all skipped or an empty data set)")
+    result = dict(num_images=count, skipped_images=dataset.skipped_images,
+                  top1=100.0 * correct1 / count, top5=100.0 * correct5 / count,
+                  correct1=correct1, correct5=correct5,
+                  seconds=seconds, images_per_second=count / seconds if seconds > 0 else None)
+    if keep_predictions:
+        result["predictions"] = predictions
+    return result
+
+
+def write_predictions_csv(path, predictions):
+    """CSV with header path,label,pred_1..pred_5,prob_1..prob_5; one row per image in dataset order."""
+    k = max((len(p[2]) for p in predictions), default=5)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["path", "label"] + [f"pred_{i + 1}" for i in range(k)] + [f"prob_{i + 1}" for i in range(k)])
+    for name, label, preds, probs in predictions:
+        w.writerow([name, label] + list(preds) + [f"{p:.6f}" for p in probs])
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    atomic_write_text(path, buf.getvalue())
+
+
+def resolve_checkpoint(cfg):
+    """cfg['ckpt'], or the embedded checkpoint for the embedded model, or None (random weights)."""
+    if cfg.get("ckpt"):
+        return cfg["ckpt"]
+    from .models.registry import default_checkpoint
+    return default_checkpoint(cfg["model"])
+
+
+def build_model(cfg):
+    """The model named by cfg with its weights (see resolve_checkpoint)."""
+    from .models import create_model
+    return create_model(cfg["model"], num_classes=cfg.get("num_classes"), checkpoint=resolve_checkpoint(cfg),
+                        drop_head=cfg.get("drop_head", False))

@@ -1,0 +1,152 @@
+"""Vision Transformer (ViT / DeiT) as a MindSpore Cell.
+
+Parameter names follow timm (`patch_embed.proj`, `cls_token`, `pos_embed`,
+`blocks.N.norm1`, `blocks.N.attn.qkv`, `blocks.N.attn.proj`, `blocks.N.mlp.fc1/fc2`,
+`norm`, `head`), except that MindSpore's LayerNorm calls its affine parameters
+`gamma`/`beta` instead of `weight`/`bias`. The two matrix products of the attention are
+Cells of their own (`attn.matmul1` = Q·Kᵀ, `attn.matmul2` = attn·V) so that quantized
+versions can be swapped in by name.
+"""
+import math
+
+import numpy as np
+import mindspore as ms
+from mindspore import nn, ops, Parameter, Tensor
+from mindspore.common.initializer import initializer, TruncatedNormal, Zero, One
+
+
+class MatMul(nn.Cell):
+    """Batched matrix product of two activations, `a @ b` (or `a @ bᵀ`).
+
+    a: (..., M, K); b: (..., K, N), or (..., N, K) with `transpose_b`.
+    """
+
+    def __init__(self, transpose_b=False):
+        super().__init__()
+        self.transpose_b = transpose_b
+        self.bmm = ops.BatchMatMul(transpose_b=transpose_b)
+
+    def construct(self, a, b):
+        return self.bmm(a, b)
+
+
+class PatchEmbed(nn.Cell):
+    """Image (B, C, H, W) -> patch tokens (B, N, D) with a strided convolution."""
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768):
+        super().__init__()
+        if img_size % patch_size:
+            raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
+        self.img_size = img_size
+        self.patch_size = patch_size
+        self.grid_size = img_size // patch_size
+        self.num_patches = self.grid_size * self.grid_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size,
+                              pad_mode="valid", has_bias=True)
+
+    def construct(self, x):
+        x = self.proj(x)
+        b, c, h, w = x.shape
+        return x.reshape(b, c, h * w).transpose(0, 2, 1)
+
+
+class Attention(nn.Cell):
+    """Multi-head self-attention; scores are scaled by head_dim^-0.5 after Q·Kᵀ."""
+
+    def __init__(self, dim, num_heads, qkv_bias=True):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.qkv = nn.Dense(dim, dim * 3, has_bias=qkv_bias)
+        self.matmul1 = MatMul(transpose_b=True)
+        self.softmax = nn.Softmax(axis=-1)
+        self.matmul2 = MatMul()
+        self.proj = nn.Dense(dim, dim)
+
+    def construct(self, x):
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).transpose(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        attn = self.matmul1(q, k) * self.scale
+        attn = self.softmax(attn)
+        x = self.matmul2(attn, v)
+        x = x.transpose(0, 2, 1, 3).reshape(b, n, c)
+        return self.proj(x)
+
+
+class Mlp(nn.Cell):
+    def __init__(self, dim, hidden_dim):
+        super().__init__()
+        self.fc1 = nn.Dense(dim, hidden_dim)
+        self.act = nn.GELU(approximate=False)
+        self.fc2 = nn.Dense(hidden_dim, dim)
+
+    def construct(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Cell):
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, eps=1e-6):
+        super().__init__()
+        self.norm1 = nn.LayerNorm((dim,), epsilon=eps)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias)
+        self.norm2 = nn.LayerNorm((dim,), epsilon=eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def construct(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class VisionTransformer(nn.Cell):
+    """ViT/DeiT classifier. construct(x): float32 (B, in_chans, H, W) -> logits (B, num_classes)."""
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, embed_dim=768,
+                 depth=12, num_heads=12, mlp_ratio=4.0, qkv_bias=True, eps=1e-6):
+        super().__init__()
+        self.num_classes = num_classes
+        self.embed_dim = embed_dim
+        self.img_size = img_size
+        self.in_chans = in_chans
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        num_tokens = self.patch_embed.num_patches + 1
+        self.cls_token = Parameter(initializer(TruncatedNormal(0.02), (1, 1, embed_dim), ms.float32),
+                                   name="cls_token")
+        self.pos_embed = Parameter(initializer(TruncatedNormal(0.02), (1, num_tokens, embed_dim), ms.float32),
+                                   name="pos_embed")
+        self.blocks = nn.CellList([Block(embed_dim, num_heads, mlp_ratio, qkv_bias, eps) for _ in range(depth)])
+        self.norm = nn.LayerNorm((embed_dim,), epsilon=eps)
+        self.head = nn.Dense(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self._init_weights()
+
+    def _init_weights(self):
+        """timm-style init: truncated normal (std 0.02) linear weights, zero biases."""
+        for name, cell in self.cells_and_names():
+            if isinstance(cell, nn.Dense):
+                cell.weight.set_data(initializer(TruncatedNormal(0.02), cell.weight.shape, ms.float32))
+                if cell.bias is not None:
+                    cell.bias.set_data(initializer(Zero(), cell.bias.shape, ms.float32))
+            elif isinstance(cell, nn.LayerNorm):
+                cell.gamma.set_data(initializer(One(), cell.gamma.shape, ms.float32))
+                cell.beta.set_data(initializer(Zero(), cell.beta.shape, ms.float32))
+            elif isinstance(cell, nn.Conv2d):
+                fan_in = int(np.prod(cell.weight.shape[1:]))
+                bound = 1.0 / math.sqrt(fan_in)
+                w = np.random.uniform(-bound, bound, cell.weight.shape).astype(np.float32)
+                cell.weight.set_data(Tensor(w))
+                cell.bias.set_data(initializer(Zero(), cell.bias.shape, ms.float32))
+
+    def forward_features(self, x):
+        x = self.patch_embed(x)
+        cls = ops.broadcast_to(self.cls_token, (x.shape[0], 1, self.embed_dim))
+        x = ops.concat((cls, x), axis=1) + self.pos_embed
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)
+
+    def construct(self, x):
+        x = self.forward_features(x)
+        return self.head(x[:, 0])
