@@ -37,11 +37,17 @@ def main(cfg):
     from src.models import get_data_config
     from src.utils import atomic_write_json
 
+    for key, low in (("batch_size", 1), ("max_images", 1), ("num_workers", 0)):
+        if cfg.get(key) is not None and cfg[key] < low:
+            raise ConfigError(f"{key} must be >= {low}, got {cfg[key]}")
     out = output_dir(cfg, "eval")
     save_config(cfg, os.path.join(out, "config.yaml"))
     setup_context(cfg["device_target"], cfg["mode"], cfg["seed"])
-    model = build_model(cfg)
+    # the data first: a model/data mismatch or a missing folder fails before a large model is built
     dataset = build_eval_dataset(cfg, get_data_config(cfg["model"]))
+    if resolve_checkpoint(cfg) is None:
+        print(f"warning: no --ckpt given: {cfg['model']} is evaluated with random weights", file=sys.stderr)
+    model = build_model(cfg)
     print(f"evaluating {cfg['model']} on {data_description(cfg)}: {len(dataset)} images, "
           f"batch {cfg['batch_size']}, {cfg['device_target']} {cfg['mode']} mode", flush=True)
     res = evaluate(model, dataset, cfg["batch_size"], num_workers=cfg["num_workers"],

@@ -55,18 +55,24 @@ def evaluate(model, dataset, batch_size, num_workers=2, keep_predictions=False, 
     correct1 = correct5 = count = 0
     predictions = []
     start = time.time()
-    for images, labels, names in dataset.iter_batches(batch_size, indices=indices, num_workers=num_workers):
-        n = len(labels)
-        logits = model(ms.Tensor(pad_batch(images, batch_size))).asnumpy()[:n]
-        k = min(5, logits.shape[1])
-        top = np.argsort(-logits, axis=1, kind="stable")[:, :k]
-        correct1 += int((top[:, 0] == labels).sum())
-        correct5 += int((top == labels[:, None]).any(axis=1).sum())
-        count += n
-        if keep_predictions:
-            probs = np.take_along_axis(softmax(logits), top, axis=1)
-            predictions.extend(zip(names, labels.tolist(), top.tolist(), probs.tolist()))
-        progress.update(n)
+    try:
+        for images, labels, names in dataset.iter_batches(batch_size, indices=indices, num_workers=num_workers):
+            n = len(labels)
+            logits = model(ms.Tensor(pad_batch(images, batch_size))).asnumpy()[:n]
+            k = min(5, logits.shape[1])
+            top = np.argsort(-logits, axis=1, kind="stable")[:, :k]
+            correct1 += int((top[:, 0] == labels).sum())
+            correct5 += int((top == labels[:, None]).any(axis=1).sum())
+            count += n
+            if keep_predictions:
+                probs = np.take_along_axis(softmax(logits), top, axis=1)
+                predictions.extend(zip(names, labels.tolist(), top.tolist(), probs.tolist()))
+            progress.update(n)
+    except BaseException:
+        if 0 < progress.done < total:  # end the open progress line so that the error starts a line
+            progress.stream.write("\n")
+            progress.stream.flush()
+        raise
     seconds = time.time() - start
     if count == 0:
         raise ValueError("no images were evaluated (all skipped or an empty data set)")
