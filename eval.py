@@ -33,13 +33,12 @@ def build_parser():
 def main(cfg):
     """Evaluate per the resolved config dict; writes result.json and config.yaml; returns the result."""
     from src.data.build import build_eval_dataset, data_description
-    from src.engine import build_model, evaluate, resolve_checkpoint, setup_context, write_predictions_csv
+    from src.engine import (build_model, evaluate, quantized_checkpoint_model, resolve_checkpoint, setup_context,
+                            write_predictions_csv)
     from src.models import get_data_config
     from src.utils import atomic_write_json
 
-    for key, low in (("batch_size", 1), ("max_images", 1), ("num_workers", 0)):
-        if cfg.get(key) is not None and cfg[key] < low:
-            raise ConfigError(f"{key} must be >= {low}, got {cfg[key]}")
+    quantized_checkpoint_model(cfg)  # a quantized checkpoint names its model
     out = output_dir(cfg, "eval")
     save_config(cfg, os.path.join(out, "config.yaml"))
     setup_context(cfg["device_target"], cfg["mode"], cfg["seed"])

@@ -34,17 +34,48 @@ DEFAULTS = {
     "mode": ("graph", "graph or pynative"),
     "output": (None, "output folder for result.json and config.yaml (default outputs/<name>/)"),
     "seed": (0, "global random seed"),
+    # quantization (quant.py)
+    "method": ("minmax", "calibration method: minmax, percentile, easyquant"),
+    "w_bits": (8, "weight bit width (2..16)"),
+    "a_bits": (8, "activation bit width (2..16)"),
+    "weight_per_channel": (False, "one weight interval per output channel instead of per tensor"),
+    "softmax_unsigned": (False, "unsigned grid [0, 2^b-1] for the softmax output (matmul2's first operand)"),
+    "quantize_head": (False, "quantize the classifier head (the paper is silent; floating point by default)"),
+    "quantize_patch_embed": (True, "quantize the patch-embedding projection"),
+    "quantize_matmul1": (True, "quantize both operands of Q·Kᵀ"),
+    "quantize_matmul2": (True, "quantize both operands of attn·V"),
+    "calib_num": (32, "number of calibration images (the paper uses 1000)"),
+    "calib_seed": (0, "seed of the calibration image draw"),
+    "calib_split": ("train", "split the calibration images come from (ImageNet root; the embedded data has its own)"),
+    "calib_batch_size": (32, "batch size of the calibration forward passes"),
+    "calib_input": ("quantized", "input a layer sees during its calibration: 'quantized' (through the "
+                                 "already-quantized layers) or 'fp'"),
+    "percentile": (99.99, "percentile of |T| for the percentile method"),
+    "search_alpha": (0.5, "interval search: lowest candidate, as a fraction of the max-based interval"),
+    "search_beta": (1.2, "interval search: highest candidate, as a fraction of the max-based interval"),
+    "search_candidates": (100, "interval search: number of candidates"),
+    "search_rounds": (2, "interval search: alternation rounds (easyquant)"),
+    "fp_result": (None, "reuse this result.json of an FP eval (same model, checkpoint, data) instead of "
+                        "evaluating the FP model again"),
 }
 
 CHOICES = {
     "device_target": ("CPU", "GPU", "Ascend"),
     "mode": ("graph", "pynative"),
     "interpolation": (None, "bicubic", "bilinear", "nearest", "lanczos"),
+    "method": ("minmax", "percentile", "easyquant"),
+    "calib_input": ("quantized", "fp"),
 }
+
+# Inclusive bounds (None: unbounded) of numeric keys.
+RANGES = {"batch_size": (1, None), "max_images": (1, None), "num_workers": (0, None), "num_classes": (1, None),
+          "w_bits": (2, 16), "a_bits": (2, 16), "calib_num": (1, None), "calib_batch_size": (1, None),
+          "percentile": (0.0, 100.0), "search_alpha": (0.0, None), "search_beta": (0.0, None),
+          "search_candidates": (1, None), "search_rounds": (1, None), "crop_pct": (0.0, None)}
 
 # Keys whose default is None but which hold a given type when set.
 TYPES = {"ckpt": str, "num_classes": int, "name": str, "crop_pct": float, "interpolation": str,
-         "max_images": int, "save_predictions": str, "output": str}
+         "max_images": int, "save_predictions": str, "output": str, "fp_result": str}
 
 
 class ConfigError(ValueError):
@@ -76,6 +107,11 @@ def check_value(key, value, source):
     if key in CHOICES and value not in CHOICES[key]:
         allowed = ", ".join(str(c) for c in CHOICES[key] if c is not None)
         raise ConfigError(f"{source}: key '{key}' is {value!r}; expected one of {allowed}")
+    if key in RANGES:
+        low, high = RANGES[key]
+        if (low is not None and value < low) or (high is not None and value > high):
+            bounds = f"from {low} to {high}" if high is not None else f">= {low}"
+            raise ConfigError(f"{source}: key '{key}' is {value!r}; expected a value {bounds}")
     return value
 
 
@@ -113,13 +149,18 @@ def add_arguments(parser, keys):
 def resolve(args):
     """DEFAULTS < YAML (args.config) < flags given on the command line."""
     cfg = defaults()
+    given = set()
     if getattr(args, "config", None):
-        cfg.update(load_yaml(args.config))
+        from_yaml = load_yaml(args.config)
+        cfg.update(from_yaml)
+        given.update(from_yaml)
         cfg["config_file"] = args.config
     for key in DEFAULTS:
         value = getattr(args, key, None)
         if value is not None:
             cfg[key] = check_value(key, value, "--" + key.replace("_", "-"))
+            given.add(key)
+    cfg["given_keys"] = sorted(given)  # keys set by the YAML or a flag (not saved with the config)
     return cfg
 
 

@@ -106,8 +106,28 @@ def resolve_checkpoint(cfg):
     return default_checkpoint(cfg["model"])
 
 
+def quantized_checkpoint_model(cfg):
+    """If cfg['ckpt'] is a quantized checkpoint, the model name it holds (and cfg['model'] is
+    set to it); an error if the config names another model explicitly. Else None."""
+    from .quant.convert import read_quant_meta
+    if not cfg.get("ckpt"):
+        return None
+    found = read_quant_meta(cfg["ckpt"])
+    if found is None:
+        return None
+    name = found[0]["model"]
+    if "model" in cfg.get("given_keys", ()) and cfg["model"] != name:
+        raise ValueError(f"{cfg['ckpt']}: quantized checkpoint of model '{name}', but model '{cfg['model']}' was given")
+    cfg["model"] = name
+    return name
+
+
 def build_model(cfg):
-    """The model named by cfg with its weights (see resolve_checkpoint)."""
+    """The model named by cfg with its weights (see resolve_checkpoint); a quantized checkpoint
+    gives the quantized model, in quantized mode."""
     from .models import create_model
+    if cfg.get("ckpt") and quantized_checkpoint_model(cfg):
+        from .quant.convert import load_quantized_checkpoint
+        return load_quantized_checkpoint(cfg["ckpt"], cfg["model"])[0]
     return create_model(cfg["model"], num_classes=cfg.get("num_classes"), checkpoint=resolve_checkpoint(cfg),
                         drop_head=cfg.get("drop_head", False))

@@ -45,3 +45,25 @@ def data_description(cfg):
     if is_embedded(cfg):
         return "embedded:fmnist_test"
     return os.path.join(cfg["data"], cfg.get("split", "val"))
+
+
+def load_calibration_images(cfg, model_data_cfg):
+    """cfg['calib_num'] images drawn with cfg['calib_seed'] through the evaluation transform:
+    float32 (N, C, H, W). The embedded data draws from its calibration split (training images);
+    an ImageNet root from cfg['calib_split'] (default train)."""
+    import numpy as np
+    tcfg = data_transform_config(cfg, model_data_cfg)
+    num, seed = cfg["calib_num"], cfg["calib_seed"]
+    if is_embedded(cfg):
+        ds = EmbeddedFMNIST("calib", tcfg["mean"], tcfg["std"])
+        if num > len(ds):
+            raise ValueError(f"calib_num is {num}; the embedded calibration split ({ds.root}) has {len(ds)} images")
+        idx = np.sort(np.random.default_rng(seed).choice(len(ds), num, replace=False))
+        return ds.arrays(idx)[0]
+    from .imagenet import build_eval_transform, calibration_subset
+    transform = build_eval_transform(tcfg["input_size"], tcfg["mean"], tcfg["std"],
+                                     crop_pct=tcfg["crop_pct"], interpolation=tcfg["interpolation"])
+    images, _ = calibration_subset(cfg["data"], split=cfg["calib_split"], num=num, seed=seed, transform=transform,
+                                   skip_bad_images=cfg.get("skip_bad_images", False),
+                                   num_workers=cfg.get("num_workers", 2))
+    return images

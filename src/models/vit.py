@@ -139,14 +139,18 @@ class VisionTransformer(nn.Cell):
                 cell.weight.set_data(Tensor(w))
                 cell.bias.set_data(initializer(Zero(), cell.bias.shape, ms.float32))
 
-    def forward_features(self, x):
+    def embed(self, x):
+        """Images (B, C, H, W) -> tokens (B, 1 + N, D): patch embedding, cls token, position embedding."""
         x = self.patch_embed(x)
         cls = ops.broadcast_to(self.cls_token, (x.shape[0], 1, self.embed_dim))
-        x = ops.concat((cls, x), axis=1) + self.pos_embed
-        for blk in self.blocks:
-            x = blk(x)
-        return self.norm(x)
+        return ops.concat((cls, x), axis=1) + self.pos_embed
+
+    def forward_head(self, x):
+        """Tokens (B, 1 + N, D) -> logits (B, num_classes): final norm, classifier on the cls token."""
+        return self.head(self.norm(x)[:, 0])
 
     def construct(self, x):
-        x = self.forward_features(x)
-        return self.head(x[:, 0])
+        x = self.embed(x)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.forward_head(x)

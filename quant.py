@@ -1,0 +1,166 @@
+"""Post-training quantization of a ViT/DeiT model: evaluate it in full precision, calibrate
+the intervals of every quantized layer, save the quantized model, evaluate it.
+
+With no arguments it runs the embedded default: the embedded model `deit_fmnist` at W8A8
+and W4A4 with each available method, and prints a table of top-1 against full precision.
+
+Outputs in OUTPUT (default outputs/<name>/): config.yaml, quantized.ckpt (written before the
+final evaluation), result.json.
+
+Examples:
+  python quant.py
+  python quant.py --config configs/deit_fmnist_easyquant_w4a4.yaml
+  python quant.py --config configs/deit_small_easyquant_w6a6.yaml --data /data/imagenet --ckpt deit_small.safetensors
+  python eval.py --ckpt outputs/<name>/quantized.ckpt      # re-evaluate the saved quantized model
+"""
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+
+os.environ.setdefault("GLOG_v", "3")  # MindSpore: warnings and errors only from its C++ side
+
+from src.config import ConfigError, add_arguments, check_value, defaults, output_dir, resolve, save_config  # noqa
+
+QUANT_KEYS = ["model", "ckpt", "data", "method", "w_bits", "a_bits", "calib_num", "calib_seed", "output",
+              "device_target", "fp_result", "mode", "batch_size", "split", "name", "num_workers", "max_images",
+              "calib_split", "calib_batch_size", "calib_input", "percentile", "search_alpha", "search_beta",
+              "search_candidates", "search_rounds", "weight_per_channel", "softmax_unsigned", "quantize_head",
+              "quantize_patch_embed", "quantize_matmul1", "quantize_matmul2", "skip_bad_images", "crop_pct",
+              "interpolation", "num_classes", "drop_head", "seed"]
+EVAL_FIELDS = ("num_images", "skipped_images", "top1", "top5", "seconds", "images_per_second")
+SUITE_BITS = (8, 4)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML file of config keys (see src/config.py); flags override it")
+    add_arguments(p, QUANT_KEYS)
+    return p
+
+
+def run_name(cfg):
+    return cfg.get("name") or f"{cfg['model']}_{cfg['method']}_w{cfg['w_bits']}a{cfg['a_bits']}"
+
+
+def fp_reference(cfg, dataset, model_fn):
+    """FP metrics: from cfg['fp_result'] (checked to be the same model, checkpoint and data) or
+    by evaluating the FP model."""
+    from src.data.build import data_description
+    from src.engine import evaluate, resolve_checkpoint
+    if cfg.get("fp_result"):
+        path = cfg["fp_result"]
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: fp_result file not found")
+        with open(path, encoding="utf-8") as f:
+            try:
+                fp = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: not a JSON result file ({e})") from None
+        want = {"model": cfg["model"], "checkpoint": resolve_checkpoint(cfg), "data": data_description(cfg),
+                "num_images": len(dataset)}
+        for key, value in want.items():
+            if fp.get(key) != value:
+                raise ValueError(f"{path}: fp_result has {key} {fp.get(key)!r}, this run has {value!r}")
+        return {k: fp[k] for k in ("top1", "top5")}
+    res = evaluate(model_fn(), dataset, cfg["batch_size"], num_workers=cfg["num_workers"], desc="FP eval")
+    print(f"full precision: top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%", flush=True)
+    return res
+
+
+def main(cfg):
+    """Quantize per the resolved config dict; returns the result dict (also OUTPUT/result.json)."""
+    from src.data.build import build_eval_dataset, data_description, load_calibration_images
+    from src.engine import build_model, evaluate, resolve_checkpoint, setup_context
+    from src.models import get_data_config
+    from src.quant import (calibrate_model, layer_report, model_size_mb, quantize_model,
+                           save_quantized_checkpoint)
+    from src.utils import atomic_write_json
+
+    cfg["name"] = run_name(cfg)
+    data_cfg = get_data_config(cfg["model"])
+    dataset = build_eval_dataset(cfg, data_cfg)
+    calib_images = load_calibration_images(cfg, data_cfg)
+    out = output_dir(cfg, "quant")
+    save_config(cfg, os.path.join(out, "config.yaml"))
+    setup_context(cfg["device_target"], cfg["mode"], cfg["seed"])
+    print(f"{cfg['name']}: {cfg['model']} {cfg['method']} W{cfg['w_bits']}A{cfg['a_bits']}, "
+          f"{len(calib_images)} calibration images, {len(dataset)} evaluation images", flush=True)
+    fp = fp_reference(cfg, dataset, lambda: build_model(cfg))
+
+    model = build_model(cfg)  # a fresh instance: the FP one may hold a compiled graph
+    fp_size = model_size_mb(model, quantized=False)
+    quantize_model(model, cfg)
+    t0 = time.time()
+    calib_report = calibrate_model(model, calib_images, cfg)
+    calib_seconds = time.time() - t0
+    print(f"calibrated in {calib_seconds:.1f}s", flush=True)
+    ckpt_path = os.path.join(out, "quantized.ckpt")
+    save_quantized_checkpoint(model, ckpt_path, cfg["model"],
+                              extra_meta={"method": cfg["method"], "w_bits": cfg["w_bits"], "a_bits": cfg["a_bits"]})
+    res = evaluate(model, dataset, cfg["batch_size"], num_workers=cfg["num_workers"], desc="quantized eval")
+    layers = layer_report(model)
+    for name, info in calib_report.items():
+        layers[name]["calibration"] = info
+    result = {"model": cfg["model"], "checkpoint": resolve_checkpoint(cfg), "data": data_description(cfg),
+              **{k: res[k] for k in EVAL_FIELDS}, "device_target": cfg["device_target"], "mode": cfg["mode"],
+              "method": cfg["method"], "w_bits": cfg["w_bits"], "a_bits": cfg["a_bits"],
+              "fp_top1": fp["top1"], "fp_top5": fp["top5"], "calib_num": len(calib_images),
+              "calib_seconds": calib_seconds, "model_size_mb": model_size_mb(model), "fp_model_size_mb": fp_size,
+              "quantized_checkpoint": ckpt_path, "layers": layers}
+    atomic_write_json(os.path.join(out, "result.json"), result)
+    print(f"{cfg['method']} W{cfg['w_bits']}A{cfg['a_bits']}: top-1 {result['top1']:.2f}% "
+          f"(FP {fp['top1']:.2f}%), {result['model_size_mb']:.2f} MB (FP {fp_size:.2f} MB) -> {out}/result.json",
+          flush=True)
+    return result
+
+
+def run_embedded_suite(out_root="outputs/embedded_suite"):
+    """The default job: every method at W8A8 and W4A4 on the embedded model; prints a table."""
+    from src.quant import METHODS
+    from src.utils import atomic_write_text
+    base = defaults()
+    os.makedirs(out_root, exist_ok=True)
+    rows, fp_result = [], None
+    for method in sorted(METHODS, key=list(METHODS).index):
+        for bits in SUITE_BITS:
+            cfg = dict(base, method=method, w_bits=bits, a_bits=bits, name=f"{method}_w{bits}a{bits}",
+                       output=os.path.join(out_root, f"{method}_w{bits}a{bits}"), fp_result=fp_result)
+            res = main(cfg)
+            if fp_result is None:  # evaluate FP once, reuse it for the other runs
+                fp_result = os.path.join(out_root, "fp_result.json")
+                from src.utils import atomic_write_json
+                atomic_write_json(fp_result, {"model": res["model"], "checkpoint": res["checkpoint"],
+                                              "data": res["data"], "num_images": res["num_images"],
+                                              "top1": res["fp_top1"], "top5": res["fp_top5"]})
+            rows.append(res)
+    lines = ["| method | bits | top-1 | FP top-1 | delta | size MB | calib s |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | W{r['w_bits']}A{r['a_bits']} | {r['top1']:.2f} | {r['fp_top1']:.2f} | "
+                     f"{r['top1'] - r['fp_top1']:+.2f} | {r['model_size_mb']:.2f} | {r['calib_seconds']:.1f} |")
+    table = "\n".join(lines)
+    atomic_write_text(os.path.join(out_root, "summary.md"), table + "\n")
+    print("\n" + table + f"\n\n(written to {out_root}/summary.md)")
+    return rows
+
+
+def cli(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if not argv:
+            run_embedded_suite()
+            return 0
+        args = build_parser().parse_args(argv)
+        main(resolve(args))
+        return 0
+    except (ConfigError, ValueError, FileNotFoundError, ImportError) as e:
+        if os.environ.get("VTPTQ_DEBUG"):
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,257 @@
+"""Calibration loop: stage by stage (embedding, each block, head), layer by layer in forward
+order, in PYNATIVE mode. For each quantized layer it captures, with forward hooks, the
+full-precision output of the FP network (the target) and the layer's input as it arrives
+through the already-quantized layers before it (`calib_input: quantized`) or through the FP
+network (`calib_input: fp`), then hands them to the method, which sets the intervals.
+Only one stage's activations (and one layer's captures) are held at a time, so the memory
+is bounded by the largest layer, not by the network.
+"""
+import sys
+import time
+
+import numpy as np
+import mindspore as ms
+from mindspore import Tensor
+
+from .convert import quant_cells
+from .quantizer import fake_quant_np, init_scale, percentile_scale
+from .search import LayerProblem, candidate_grid, evaluate_pair, score_candidates
+
+
+# ----------------------------------------------------------------------------- stages
+def model_stages(model):
+    """[(stage name, function tokens -> tokens, [quant layer names])] in forward order."""
+    names = [n for n, _ in quant_cells(model)]
+
+    def within(prefix):
+        return [n for n in names if n == prefix or n.startswith(prefix + ".")]
+
+    stages = [("embed", model.embed, within("patch_embed"))]
+    for i, blk in enumerate(model.blocks):
+        stages.append((f"blocks.{i}", blk, within(f"blocks.{i}")))
+    stages.append(("head", model.forward_head, within("head")))
+    return stages
+
+
+def run_stage(fn, x, batch_size, capture=None):
+    """Apply a stage to numpy x in batches. capture: {cell: 'in' | 'out'} -> captured numpy
+    arrays (a tuple of inputs, or the output) concatenated over batches."""
+    capture = capture or {}
+    store = {cell: [] for cell in capture}
+    handles = []
+    for cell, what in capture.items():
+        def hook(c, inputs, output, _cell=cell, _what=what):
+            if _what == "in":
+                store[_cell].append(tuple(t.asnumpy() for t in inputs))
+            else:
+                store[_cell].append(output.asnumpy())
+        handles.append(cell.register_forward_hook(hook))
+    outs = []
+    try:
+        for i in range(0, len(x), batch_size):
+            outs.append(fn(Tensor(x[i:i + batch_size])).asnumpy())
+    finally:
+        for h in handles:
+            h.remove()
+    captured = {}
+    for cell, chunks in store.items():
+        if capture[cell] == "in":
+            captured[cell] = tuple(np.concatenate([c[k] for c in chunks]) for k in range(len(chunks[0])))
+        else:
+            captured[cell] = np.concatenate(chunks)
+    return np.concatenate(outs), captured
+
+
+# ----------------------------------------------------------------------------- problems
+def _patches(x, p):
+    """Images (N, C, H, W) -> patches (N, T, C·p·p) in the order of a conv weight reshape."""
+    n, c, h, w = x.shape
+    x = x.reshape(n, c, h // p, p, w // p, p).transpose(0, 2, 4, 1, 3, 5)
+    return x.reshape(n, (h // p) * (w // p), c * p * p)
+
+
+def build_problem(cell, inputs, target):
+    """LayerProblem of a quantized cell from its captured inputs and FP output."""
+    kind = type(cell).__name__
+    if kind == "QuantMatMul":
+        return LayerProblem(inputs[0], inputs[1], target, transpose_b=cell.transpose_b, b_shared=False)
+    w = cell.weight.asnumpy()
+    bias = cell.bias.asnumpy() if cell.has_bias else None
+    if kind == "QuantConv2d":
+        p = w.shape[-1]
+        n, d = target.shape[:2]
+        return LayerProblem(_patches(inputs[0], p), w.reshape(w.shape[0], -1),
+                            target.reshape(n, d, -1).transpose(0, 2, 1), bias=bias)
+    return LayerProblem(inputs[0], w, target, bias=bias)
+
+
+def operand_roles(cell):
+    """(name of operand a, name of operand b) for the cell's scales: ('a', 'w') or ('a', 'b')."""
+    return ("a", "w") if "w" in cell.operands else ("a", "b")
+
+
+# ----------------------------------------------------------------------------- methods
+class Method:
+    """Sets the intervals of one layer from its LayerProblem. Subclasses override calibrate."""
+
+    name = "base"
+
+    def __init__(self, qcfg):
+        self.qcfg = qcfg
+
+    def initial_scales(self, cell, problem):
+        a_name, b_name = operand_roles(cell)
+        a_q, b_q = getattr(cell, f"{a_name}_q"), getattr(cell, f"{b_name}_q")
+        per_channel = b_name == "w" and getattr(cell, "per_channel", False)
+        sa = init_scale(problem.a, a_q.bits, a_q.signed)
+        sb = init_scale(problem.b, b_q.bits, b_q.signed, per_channel=per_channel)
+        return sa, sb
+
+    def calibrate(self, cell, problem):
+        """-> (scale of a, scale of b, info dict)"""
+        raise NotImplementedError
+
+
+class MinMax(Method):
+    name = "minmax"
+
+    def calibrate(self, cell, problem):
+        sa, sb = self.initial_scales(cell, problem)
+        return sa, sb, {}
+
+
+class Percentile(Method):
+    """Activation intervals from the `percentile` of |T| over the calibration values; weights
+    keep the max-based interval."""
+
+    name = "percentile"
+
+    def calibrate(self, cell, problem):
+        sa, sb = self.initial_scales(cell, problem)
+        a_name, b_name = operand_roles(cell)
+        pct = self.qcfg["percentile"]
+        a_q = getattr(cell, f"{a_name}_q")
+        sa = percentile_scale(problem.a, a_q.bits, pct, a_q.signed)
+        if b_name != "w":
+            b_q = getattr(cell, f"{b_name}_q")
+            sb = percentile_scale(problem.b, b_q.bits, pct, b_q.signed)
+        return sa, sb, {}
+
+
+class AlternatingSearch(Method):
+    """Alternating search of the two intervals over C candidates in [αΔ0, βΔ0]: first the
+    second operand (the weight) with the first fixed, then the first; `rounds` times, or until
+    the objective stops improving when `stop_early`. EasyQuant: cosine similarity, 2 rounds."""
+
+    name = "easyquant"
+    objective = "cosine"
+    stop_early = False
+
+    def rounds(self):
+        return self.qcfg["search_rounds"]
+
+    def extra_loss(self, cell, problem):
+        return None
+
+    def after_round(self, cell, problem, sa, sb):
+        """Hook between rounds (bias correction in the paper's method)."""
+
+    def calibrate(self, cell, problem):
+        q = self.qcfg
+        a_name, b_name = operand_roles(cell)
+        a_q, b_q = getattr(cell, f"{a_name}_q"), getattr(cell, f"{b_name}_q")
+        sa0, sb0 = self.initial_scales(cell, problem)
+        sa, sb = sa0, sb0
+        cand_a = candidate_grid(sa0, q["search_alpha"], q["search_beta"], q["search_candidates"])
+        cand_b = candidate_grid(sb0, q["search_alpha"], q["search_beta"], q["search_candidates"])
+        extra = self.extra_loss(cell, problem)
+        a_hat = fake_quant_np(problem.a, sa, a_q.bits, a_q.signed)
+        b_hat = fake_quant_np(problem.b_right, problem.right_scale(sb), b_q.bits, b_q.signed)
+        best = evaluate_pair(problem, a_hat, b_hat, self.objective, extra)
+        history = [best]
+        rounds_done = 0
+        for _ in range(self.rounds()):
+            scores = score_candidates(problem, "b", cand_b, a_hat, None, b_q.bits, b_q.signed, self.objective, extra)
+            sb = cand_b[int(np.argmax(scores))]
+            b_hat = fake_quant_np(problem.b_right, problem.right_scale(sb), b_q.bits, b_q.signed)
+            scores = score_candidates(problem, "a", cand_a, None, b_hat, a_q.bits, a_q.signed, self.objective, extra)
+            sa = cand_a[int(np.argmax(scores))]
+            a_hat = fake_quant_np(problem.a, sa, a_q.bits, a_q.signed)
+            rounds_done += 1
+            self.after_round(cell, problem, sa, sb)
+            value = float(scores.max())
+            history.append(value)
+            if self.stop_early and value <= best:
+                break
+            best = max(best, value)
+        return sa, sb, {"objective": history, "rounds": rounds_done}
+
+
+METHODS = {"minmax": MinMax, "percentile": Percentile, "easyquant": AlternatingSearch}
+
+
+def register_method(cls):
+    METHODS[cls.name] = cls
+    return cls
+
+
+# ----------------------------------------------------------------------------- driver
+def calibrate_model(model, images, qcfg, log=sys.stderr):
+    """Calibrate every quantized cell of `model` on images (N, C, H, W) with qcfg['method'].
+    Leaves the model in quantized mode. Returns {layer: info} with seconds per layer."""
+    if qcfg["method"] not in METHODS:
+        raise ValueError(f"method is {qcfg['method']!r}; expected one of {', '.join(sorted(METHODS))}")
+    method = METHODS[qcfg["method"]](qcfg)
+    prev_mode = ms.get_context("mode")
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    model.set_train(False)
+    cells = dict(quant_cells(model))
+    for cell in cells.values():
+        cell.set_quant(weight=False, act=False)
+    batch = qcfg["calib_batch_size"]
+    use_fp_input = qcfg.get("calib_input", "quantized") == "fp"
+    report = {}
+    x_fp = np.asarray(images, np.float32)
+    x_q = x_fp
+    start = time.time()
+    try:
+        for stage_name, fn, names in model_stages(model):
+            for name in names:
+                t0 = time.time()
+                cell = cells[name]
+                _, cap = run_stage(fn, x_fp, batch, {cell: "out"} if not use_fp_input else {cell: "out"})
+                target = cap[cell]
+                if use_fp_input:
+                    _, cap_in = run_stage(fn, x_fp, batch, {cell: "in"})
+                else:
+                    _, cap_in = run_stage(fn, x_q, batch, {cell: "in"})
+                problem = build_problem(cell, cap_in[cell], target)
+                sa, sb, info = method.calibrate(cell, problem)
+                a_name, b_name = operand_roles(cell)
+                cell.set_scale(a_name, sa)
+                cell.set_scale(b_name, sb)
+                cell.set_quant(weight=True, act=True)
+                info["seconds"] = time.time() - t0
+                report[name] = info
+                del problem, cap, cap_in, target
+                obj = info.get("objective")
+                print(f"  {name:28s} {b_name}={_fmt(sb)} {a_name}={_fmt(sa)}"
+                      + (f" objective {obj[0]:.5f} -> {obj[-1]:.5f}" if obj else "")
+                      + f" [{info['seconds']:.1f}s, total {time.time() - start:.0f}s]", file=log, flush=True)
+            # advance both paths to the next stage: FP path with this stage's quantizers off
+            for name in names:
+                cells[name].set_quant(weight=False, act=False)
+            x_fp_next, _ = run_stage(fn, x_fp, batch)
+            for name in names:
+                cells[name].set_quant(weight=True, act=True)
+            if not use_fp_input:
+                x_q, _ = run_stage(fn, x_q, batch)
+            x_fp = x_fp_next
+    finally:
+        ms.set_context(mode=prev_mode)
+    return report
+
+
+def _fmt(scale):
+    s = np.asarray(scale).ravel()
+    return f"{s[0]:.4g}" if s.size == 1 else f"[{s.min():.3g}..{s.max():.3g}]x{s.size}"

@@ -1,0 +1,174 @@
+"""Fake-quantized Cells that replace nn.Dense, nn.Conv2d and the attention MatMul.
+
+Each keeps the full-precision parameter names (`weight`, `bias`), so an FP checkpoint still
+loads, and adds its intervals as parameters of its own: `w_scale` (weight), `a_scale`
+(input; for a MatMul the first operand) and, for a MatMul, `b_scale` (second operand).
+Bit widths and signedness are Python attributes, fixed before a GRAPH-mode compile.
+Whether a cell quantizes is set by `set_quant(weight, act)`, model-wide through
+`src.quant.convert.set_quant_mode`.
+"""
+import numpy as np
+from mindspore import nn, ops, Parameter, Tensor
+
+from ..models.vit import MatMul
+from .quantizer import check_bits, fake_quant, qrange
+
+
+def _scale_param(shape, name):
+    return Parameter(Tensor(np.ones(shape, np.float32)), name=name, requires_grad=False)
+
+
+class _QuantOperand:
+    """Bits, signedness and integer range of one quantized operand."""
+
+    def __init__(self, bits, signed=True):
+        self.bits = check_bits(bits)
+        self.signed = bool(signed)
+        self.qmin, self.qmax = qrange(self.bits, self.signed)
+
+    def as_dict(self):
+        return {"bits": self.bits, "signed": self.signed}
+
+
+class QuantCellMixin:
+    """Shared state of the quantized cells: which operands exist and whether each is quantized."""
+
+    operands = ()  # names of the operands, e.g. ("w", "a"); each has <name>_scale and <name>_q
+
+    def set_quant(self, weight=None, act=None):
+        """Turn quantization of the weight (w) and of the activations (a, b) on or off."""
+        if weight is not None and "w" in self.operands:
+            self.w_on = bool(weight)
+        if act is not None:
+            for op in self.operands:
+                if op != "w":
+                    setattr(self, f"{op}_on", bool(act))
+
+    def set_bits(self, name, bits, signed=None):
+        q = getattr(self, f"{name}_q")
+        setattr(self, f"{name}_q", _QuantOperand(bits, q.signed if signed is None else signed))
+
+    def set_scale(self, name, value):
+        p = getattr(self, f"{name}_scale")
+        value = np.asarray(value, np.float32).reshape(p.shape)
+        if not np.all(np.isfinite(value)) or np.any(value <= 0):
+            raise ValueError(f"{p.name}: intervals must be finite and positive")
+        p.set_data(Tensor(value))
+
+    def get_scale(self, name):
+        return getattr(self, f"{name}_scale").asnumpy().copy()
+
+    def quant_info(self):
+        """Per-operand bits, signedness and intervals (lists), for result.json and checkpoints."""
+        info = {}
+        for op in self.operands:
+            d = getattr(self, f"{op}_q").as_dict()
+            d["scale"] = self.get_scale(op).ravel().tolist()
+            d["enabled"] = getattr(self, f"{op}_on")
+            info[op] = d
+        return info
+
+
+class QuantDense(QuantCellMixin, nn.Dense):
+    """nn.Dense with fake-quantized input (`a_scale`) and weight (`w_scale`).
+
+    x: (..., in) -> (..., out). w_scale has shape (1,) or (out, 1) per output channel."""
+
+    operands = ("w", "a")
+
+    def __init__(self, in_channels, out_channels, has_bias=True, w_bits=8, a_bits=8, per_channel=False):
+        super().__init__(in_channels, out_channels, has_bias=has_bias)
+        self.per_channel = per_channel
+        self.w_q, self.a_q = _QuantOperand(w_bits), _QuantOperand(a_bits)
+        self.w_scale = _scale_param((out_channels, 1) if per_channel else (1,), "w_scale")
+        self.a_scale = _scale_param((1,), "a_scale")
+        self.w_on = self.a_on = False
+
+    def construct(self, x):
+        w = self.weight
+        if self.a_on:
+            x = fake_quant(x, self.a_scale, self.a_q.qmin, self.a_q.qmax)
+        if self.w_on:
+            w = fake_quant(w, self.w_scale, self.w_q.qmin, self.w_q.qmax)
+        shape = x.shape
+        x = ops.matmul(x.reshape(-1, shape[-1]), w.T)
+        if self.has_bias:
+            x = x + self.bias
+        return x.reshape(shape[:-1] + (w.shape[0],))
+
+
+class QuantConv2d(QuantCellMixin, nn.Conv2d):
+    """nn.Conv2d (the patch embedding) with fake-quantized input and weight.
+
+    w_scale has shape (1,) or (out, 1, 1, 1) per output channel."""
+
+    operands = ("w", "a")
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride, has_bias=True, w_bits=8, a_bits=8,
+                 per_channel=False):
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, pad_mode="valid",
+                         has_bias=has_bias)
+        self.per_channel = per_channel
+        self.w_q, self.a_q = _QuantOperand(w_bits), _QuantOperand(a_bits)
+        self.w_scale = _scale_param((out_channels, 1, 1, 1) if per_channel else (1,), "w_scale")
+        self.a_scale = _scale_param((1,), "a_scale")
+        self.w_on = self.a_on = False
+
+    def construct(self, x):
+        w = self.weight
+        if self.a_on:
+            x = fake_quant(x, self.a_scale, self.a_q.qmin, self.a_q.qmax)
+        if self.w_on:
+            w = fake_quant(w, self.w_scale, self.w_q.qmin, self.w_q.qmax)
+        out = self.conv2d(x, w)
+        if self.has_bias:
+            out = self.bias_add(out, self.bias)
+        return out
+
+
+class QuantMatMul(QuantCellMixin, MatMul):
+    """Product of two activations with both operands fake-quantized: `a_scale` for the first
+    (Q, or the softmax output), `b_scale` for the second (K, or V)."""
+
+    operands = ("a", "b")
+
+    def __init__(self, transpose_b=False, a_bits=8, b_bits=8, a_signed=True, b_signed=True):
+        super().__init__(transpose_b=transpose_b)
+        self.a_q, self.b_q = _QuantOperand(a_bits, a_signed), _QuantOperand(b_bits, b_signed)
+        self.a_scale = _scale_param((1,), "a_scale")
+        self.b_scale = _scale_param((1,), "b_scale")
+        self.a_on = self.b_on = False
+
+    def construct(self, a, b):
+        if self.a_on:
+            a = fake_quant(a, self.a_scale, self.a_q.qmin, self.a_q.qmax)
+        if self.b_on:
+            b = fake_quant(b, self.b_scale, self.b_q.qmin, self.b_q.qmax)
+        return self.bmm(a, b)
+
+
+def quant_dense_from(cell, w_bits, a_bits, per_channel=False):
+    q = QuantDense(cell.in_channels, cell.out_channels, has_bias=cell.has_bias, w_bits=w_bits, a_bits=a_bits,
+                   per_channel=per_channel)
+    _copy_params(cell, q)
+    return q
+
+
+def quant_conv_from(cell, w_bits, a_bits, per_channel=False):
+    q = QuantConv2d(cell.in_channels, cell.out_channels, cell.kernel_size, cell.stride, has_bias=cell.has_bias,
+                    w_bits=w_bits, a_bits=a_bits, per_channel=per_channel)
+    _copy_params(cell, q)
+    return q
+
+
+def quant_matmul_from(cell, a_bits, b_bits, a_signed=True):
+    return QuantMatMul(transpose_b=cell.transpose_b, a_bits=a_bits, b_bits=b_bits, a_signed=a_signed)
+
+
+def _copy_params(src, dst):
+    dst.weight.set_data(src.weight.data.copy())
+    if src.has_bias:
+        dst.bias.set_data(src.bias.data.copy())
+
+
+QUANT_CELLS = (QuantDense, QuantConv2d, QuantMatMul)
