@@ -338,8 +338,8 @@ def test_bad_flags_exit_2(args, capsys):
 
 
 @pytest.mark.parametrize("args,expect", [
-    (["--batch-size", "0"], "batch_size must be >= 1"),
-    (["--max-images", "-5"], "max_images must be >= 1"),
+    (["--batch-size", "0"], "key 'batch_size' is 0; expected a value >= 1"),
+    (["--max-images", "-5"], "key 'max_images' is -5; expected a value >= 1"),
     (["--model", "no_such_model"], "unknown model 'no_such_model'"),
     (["--model", "deit_tiny_patch16_224", "--data", "{missing}"], "no such directory"),
 ])
