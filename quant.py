@@ -28,14 +28,23 @@ QUANT_KEYS = ["model", "ckpt", "data", "method", "w_bits", "a_bits", "calib_num"
               "device_target", "fp_result", "mode", "batch_size", "split", "name", "num_workers", "max_images",
               "calib_split", "calib_batch_size", "calib_input", "percentile", "search_alpha", "search_beta",
               "search_candidates", "search_rounds", "weight_per_channel", "softmax_unsigned", "quantize_head",
-              "quantize_patch_embed", "quantize_matmul1", "quantize_matmul2", "skip_bad_images", "crop_pct",
+              "quantize_patch_embed", "quantize_matmul1", "quantize_matmul2", "max_rounds", "ranking_loss",
+              "ranking_gamma", "ranking_theta", "ranking_pairs", "bias_correction", "skip_bad_images", "crop_pct",
               "interpolation", "num_classes", "drop_head", "seed"]
 EVAL_FIELDS = ("num_images", "skipped_images", "top1", "top5", "seconds", "images_per_second")
 SUITE_BITS = (8, 4)
 
 
+class _Parser(argparse.ArgumentParser):
+    """A bad flag (unknown choice, wrong type, unknown flag) is reported like a bad value: one
+    'error: ...' line on stderr and exit status 2 from cli(), not argparse's usage + SystemExit."""
+
+    def error(self, message):
+        raise ConfigError(message)
+
+
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML file of config keys (see src/config.py); flags override it")
     add_arguments(p, QUANT_KEYS)
     return p
@@ -78,7 +87,14 @@ def main(cfg):
     from src.quant import (calibrate_model, layer_report, model_size_mb, quantize_model,
                            save_quantized_checkpoint)
     from src.utils import atomic_write_json
+    from src.engine import quantized_checkpoint_model
 
+    # quant.py needs full-precision weights: a quantized checkpoint is an error (naming both
+    # models when another model was given), before anything is built or written
+    qmodel = quantized_checkpoint_model(cfg)
+    if qmodel is not None:
+        raise ValueError(f"{cfg['ckpt']}: already a quantized checkpoint (model '{qmodel}'); quant.py "
+                         "takes full-precision weights (evaluate it with eval.py --ckpt)")
     cfg["name"] = run_name(cfg)
     data_cfg = get_data_config(cfg["model"])
     dataset = build_eval_dataset(cfg, data_cfg)

@@ -35,7 +35,7 @@ DEFAULTS = {
     "output": (None, "output folder for result.json and config.yaml (default outputs/<name>/)"),
     "seed": (0, "global random seed"),
     # quantization (quant.py)
-    "method": ("minmax", "calibration method: minmax, percentile, easyquant"),
+    "method": ("minmax", "calibration method: minmax, percentile, easyquant, vtptq (the paper's)"),
     "w_bits": (8, "weight bit width (2..16)"),
     "a_bits": (8, "activation bit width (2..16)"),
     "weight_per_channel": (False, "one weight interval per output channel instead of per tensor"),
@@ -55,6 +55,13 @@ DEFAULTS = {
     "search_beta": (1.2, "interval search: highest candidate, as a fraction of the max-based interval"),
     "search_candidates": (100, "interval search: number of candidates"),
     "search_rounds": (2, "interval search: alternation rounds (easyquant)"),
+    "max_rounds": (20, "vtptq: at most this many rounds; stops earlier when the objective stops improving"),
+    "ranking_loss": (True, "vtptq: ranking-aware loss on the attention scores of Q·Kᵀ"),
+    "ranking_gamma": (0.1, "vtptq: weight γ of the ranking loss"),
+    "ranking_theta": (0.2, "vtptq: margin θ of the ranking loss"),
+    "ranking_pairs": (0, "vtptq: column pairs per attention row in the ranking loss (0: all T(T-1)/2; "
+                         "N: a fixed seeded sample of N pairs)"),
+    "bias_correction": (True, "vtptq: subtract the expected output error per channel from the bias after each round"),
     "fp_result": (None, "reuse this result.json of an FP eval (same model, checkpoint, data) instead of "
                         "evaluating the FP model again"),
 }
@@ -63,7 +70,7 @@ CHOICES = {
     "device_target": ("CPU", "GPU", "Ascend"),
     "mode": ("graph", "pynative"),
     "interpolation": (None, "bicubic", "bilinear", "nearest", "lanczos"),
-    "method": ("minmax", "percentile", "easyquant"),
+    "method": ("minmax", "percentile", "easyquant", "vtptq"),
     "calib_input": ("quantized", "fp"),
 }
 
@@ -71,7 +78,8 @@ CHOICES = {
 RANGES = {"batch_size": (1, None), "max_images": (1, None), "num_workers": (0, None), "num_classes": (1, None),
           "w_bits": (2, 16), "a_bits": (2, 16), "calib_num": (1, None), "calib_batch_size": (1, None),
           "percentile": (0.0, 100.0), "search_alpha": (0.0, None), "search_beta": (0.0, None),
-          "search_candidates": (1, None), "search_rounds": (1, None), "crop_pct": (0.0, None)}
+          "search_candidates": (1, None), "search_rounds": (1, None), "max_rounds": (1, None),
+          "ranking_gamma": (0.0, None), "ranking_theta": (0.0, None), "ranking_pairs": (0, None), "crop_pct": (0.0, None)}
 
 # Keys whose default is None but which hold a given type when set.
 TYPES = {"ckpt": str, "num_classes": int, "name": str, "crop_pct": float, "interpolation": str,

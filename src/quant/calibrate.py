@@ -153,8 +153,9 @@ class AlternatingSearch(Method):
     def extra_loss(self, cell, problem):
         return None
 
-    def after_round(self, cell, problem, sa, sb):
-        """Hook between rounds (bias correction in the paper's method)."""
+    def after_round(self, cell, problem, a_hat, b_hat_right):
+        """Hook after each round, given both operands quantized at the round's intervals; may
+        replace problem.bias (bias correction in the paper's method)."""
 
     def calibrate(self, cell, problem):
         q = self.qcfg
@@ -167,9 +168,9 @@ class AlternatingSearch(Method):
         extra = self.extra_loss(cell, problem)
         a_hat = fake_quant_np(problem.a, sa, a_q.bits, a_q.signed)
         b_hat = fake_quant_np(problem.b_right, problem.right_scale(sb), b_q.bits, b_q.signed)
-        best = evaluate_pair(problem, a_hat, b_hat, self.objective, extra)
-        history = [best]
-        rounds_done = 0
+        start = evaluate_pair(problem, a_hat, b_hat, self.objective, extra)
+        best = (start, sa, sb, problem.bias)
+        history = [start]
         for _ in range(self.rounds()):
             scores = score_candidates(problem, "b", cand_b, a_hat, None, b_q.bits, b_q.signed, self.objective, extra)
             sb = cand_b[int(np.argmax(scores))]
@@ -177,14 +178,16 @@ class AlternatingSearch(Method):
             scores = score_candidates(problem, "a", cand_a, None, b_hat, a_q.bits, a_q.signed, self.objective, extra)
             sa = cand_a[int(np.argmax(scores))]
             a_hat = fake_quant_np(problem.a, sa, a_q.bits, a_q.signed)
-            rounds_done += 1
-            self.after_round(cell, problem, sa, sb)
             value = float(scores.max())
             history.append(value)
-            if self.stop_early and value <= best:
+            improved = value > best[0]
+            if improved or not self.stop_early:
+                best = (value, sa, sb, problem.bias)
+            if self.stop_early and not improved:
                 break
-            best = max(best, value)
-        return sa, sb, {"objective": history, "rounds": rounds_done}
+            self.after_round(cell, problem, a_hat, b_hat)
+        _, sa, sb, problem.bias = best
+        return sa, sb, {"objective": history, "rounds": len(history) - 1}
 
 
 METHODS = {"minmax": MinMax, "percentile": Percentile, "easyquant": AlternatingSearch}
@@ -219,7 +222,7 @@ def calibrate_model(model, images, qcfg, log=sys.stderr):
             for name in names:
                 t0 = time.time()
                 cell = cells[name]
-                _, cap = run_stage(fn, x_fp, batch, {cell: "out"} if not use_fp_input else {cell: "out"})
+                _, cap = run_stage(fn, x_fp, batch, {cell: "out"})
                 target = cap[cell]
                 if use_fp_input:
                     _, cap_in = run_stage(fn, x_fp, batch, {cell: "in"})
@@ -230,6 +233,8 @@ def calibrate_model(model, images, qcfg, log=sys.stderr):
                 a_name, b_name = operand_roles(cell)
                 cell.set_scale(a_name, sa)
                 cell.set_scale(b_name, sb)
+                if problem.bias is not None:  # bias correction may have changed it
+                    cell.bias.set_data(Tensor(np.asarray(problem.bias, np.float32).reshape(cell.bias.shape)))
                 cell.set_quant(weight=True, act=True)
                 info["seconds"] = time.time() - t0
                 report[name] = info

@@ -81,6 +81,9 @@ def quantize_model(model, qcfg, layer_bits=None):
         else:
             unsigned = name.endswith("matmul2") and qcfg.get("softmax_unsigned", False)
             new = quant_matmul_from(cell, ab, bits.get("b", ab), a_signed=not unsigned)
+            if name.endswith("matmul1"):  # Q·Kᵀ: its output times the attention's scale is the score matrix
+                new.is_attention_scores = True
+                new.scores_scale = float(cells[name.rpartition(".")[0]].scale)
         _set_child(model, name, new)
     return names
 

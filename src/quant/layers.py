@@ -138,6 +138,8 @@ class QuantMatMul(QuantCellMixin, MatMul):
         self.a_scale = _scale_param((1,), "a_scale")
         self.b_scale = _scale_param((1,), "b_scale")
         self.a_on = self.b_on = False
+        self.is_attention_scores = False  # set for attn.matmul1 (the ranking loss applies to it)
+        self.scores_scale = 1.0
 
     def construct(self, a, b):
         if self.a_on:
