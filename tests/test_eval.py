@@ -1,6 +1,6 @@
 """eval.py end to end: result.json / config.yaml / predictions CSV of the embedded model, an
 ImageNet-layout folder generated here (tiny model registered for the test), error handling,
-the configs in configs/ and the scripts/run_eval_*.sh wrappers.
+the configs in configs/ and the scripts/run_{eval,quant}_*.sh wrappers.
 
 Kept fast: at most a few hundred embedded images per run and 32x32 images for ImageNet.
 """
@@ -31,6 +31,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 eval_script = importlib.import_module("eval")
+quant_script = importlib.import_module("quant")
 
 TINY = "_test_eval_tiny_vit"
 W0, W2, W999 = "n01440764", "n01484850", "n15075141"  # class indices 0, 2, 999
@@ -379,10 +380,16 @@ def test_cli_subprocess_one_error_line(tmp_path):
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.yaml")))
 
 
+QUANT_CONFIGS = ([f"deit_fmnist_{m}_w{b}a{b}.yaml" for m in ("minmax", "percentile", "easyquant") for b in (8, 4)]
+                 + [f"deit_{s}_{m}_w{b}a{b}.yaml" for s in ("small", "base") for m in ("percentile", "easyquant")
+                    for b in (8, 6)])
+
+
 def test_expected_configs_exist():
     names = {os.path.basename(p) for p in CONFIGS}
     assert {"deit_fmnist_fp.yaml", "deit_tiny_fp.yaml", "deit_small_fp.yaml", "deit_base_fp.yaml",
             "vit_base_384_fp.yaml", "vit_large_384_fp.yaml"} <= names
+    assert set(QUANT_CONFIGS) <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
@@ -397,8 +404,14 @@ def test_config_files_load(path):
         # no placeholder default: the data root and the weights must be given
         assert "data" not in cfg and "ckpt" not in cfg
         assert "--data" in text and "--ckpt" in text
-    resolved = resolve(eval_script.build_parser().parse_args(["--config", path]))
+    assert cfg["name"] == os.path.splitext(os.path.basename(path))[0]
+    script = quant_script if "method" in cfg else eval_script
+    resolved = resolve(script.build_parser().parse_args(["--config", path]))
     assert resolved["model"] == cfg["model"]
+    if "method" in cfg:  # a quant.py config: the name says the method and the bit widths
+        assert cfg["name"].endswith(f"_{cfg['method']}_w{cfg['w_bits']}a{cfg['a_bits']}")
+        assert f"configs/{os.path.basename(path)}" in text and "quant.py" in text
+        assert resolved["calib_num"] == cfg["calib_num"]
 
 
 # ----------------------------------------------------------------------------- scripts/
@@ -439,3 +452,30 @@ def test_run_script_cpu_end_to_end(tmp_path):
     assert len(log) == 1
     with open(log[0], encoding="utf-8") as f:
         assert "top-1" in f.read()
+
+
+@pytest.mark.skipif(BASH is None, reason="needs bash")
+@pytest.mark.parametrize("script,device", [("run_quant_cpu.sh", "CPU"), ("run_quant_gpu.sh", "GPU"),
+                                           ("run_quant_ascend.sh", "Ascend")])
+def test_run_quant_script_usage(script, device, tmp_path):
+    r = run_script(script)
+    assert r.returncode != 0 and "usage:" in r.stderr and device in r.stderr and "quant.py" in r.stderr
+    r = run_script(script, tmp_path / "missing.yaml")
+    assert r.returncode != 0 and "usage:" in r.stderr and "missing.yaml" in r.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.skipif(BASH is None, reason="needs bash")
+def test_run_quant_script_cpu_end_to_end(tmp_path):
+    logs = tmp_path / "logs"
+    r = run_script("run_quant_cpu.sh", os.path.join(REPO, "configs", "deit_fmnist_minmax_w8a8.yaml"), "embedded",
+                   "--max-images", 20, "--calib-num", 4, "--mode", "pynative", "--output", tmp_path / "out",
+                   QUANT_LOG_DIR=str(logs), GLOG_v="3")
+    assert r.returncode == 0, r.stdout + r.stderr
+    res = read_json(tmp_path / "out" / "result.json")
+    assert res["num_images"] == 20 and res["device_target"] == "CPU"
+    assert res["method"] == "minmax" and res["w_bits"] == 8 and res["calib_num"] == 4
+    log = glob.glob(str(logs / "quant_deit_fmnist_minmax_w8a8_*.log"))
+    assert len(log) == 1
+    with open(log[0], encoding="utf-8") as f:
+        assert "quant.py" in f.read()

@@ -199,18 +199,60 @@ def register_method(cls):
 
 
 # ----------------------------------------------------------------------------- driver
-def calibrate_model(model, images, qcfg, log=sys.stderr):
-    """Calibrate every quantized cell of `model` on images (N, C, H, W) with qcfg['method'].
-    Leaves the model in quantized mode. Returns {layer: info} with seconds per layer."""
+def _set_quant(cells, names, on):
+    for name in names:
+        cells[name].set_quant(weight=on, act=on)
+
+
+def get_method(qcfg):
     if qcfg["method"] not in METHODS:
         raise ValueError(f"method is {qcfg['method']!r}; expected one of {', '.join(sorted(METHODS))}")
-    method = METHODS[qcfg["method"]](qcfg)
+    return METHODS[qcfg["method"]](qcfg)
+
+
+def calibrate_stage(method, cells, fn, names, x_fp, x_q, batch, log=None, start=None):
+    """Calibrate the layers `names` of one stage in order. x_fp: the stage's FP input; x_q: the
+    input through the quantized earlier stages (x_fp itself for FP inputs). The target of each
+    layer is its output in the FP stage; its input comes from x_q through the layers of this
+    stage calibrated before it. Leaves the stage's layers quantized. Returns {name: info}."""
+    report = {}
+    start = start or time.time()
+    for k, name in enumerate(names):
+        t0 = time.time()
+        cell = cells[name]
+        _set_quant(cells, names, False)
+        _, cap = run_stage(fn, x_fp, batch, {cell: "out"})
+        target = cap[cell]
+        _set_quant(cells, names[:k], x_q is not x_fp)
+        _, cap_in = run_stage(fn, x_q, batch, {cell: "in"})
+        problem = build_problem(cell, cap_in[cell], target)
+        del cap, cap_in, target
+        sa, sb, info = method.calibrate(cell, problem)
+        a_name, b_name = operand_roles(cell)
+        cell.set_scale(a_name, sa)
+        cell.set_scale(b_name, sb)
+        if problem.bias is not None:  # bias correction may have changed it
+            cell.bias.set_data(Tensor(np.asarray(problem.bias, np.float32).reshape(cell.bias.shape)))
+        info["seconds"] = time.time() - t0
+        report[name] = info
+        if log is not None:
+            obj = info.get("objective")
+            print(f"  {name:28s} {b_name}={_fmt(sb)} {a_name}={_fmt(sa)}"
+                  + (f" objective {obj[0]:.5f} -> {obj[-1]:.5f} in {info['rounds']} rounds" if obj else "")
+                  + f" [{info['seconds']:.1f}s, total {time.time() - start:.0f}s]", file=log, flush=True)
+    _set_quant(cells, names, True)
+    return report
+
+
+def calibrate_model(model, images, qcfg, log=sys.stderr):
+    """Calibrate every quantized cell of `model` on images (N, C, H, W) with qcfg['method'],
+    stage by stage. Leaves the model in quantized mode. Returns {layer: info}."""
+    method = get_method(qcfg)
     prev_mode = ms.get_context("mode")
     ms.set_context(mode=ms.PYNATIVE_MODE)
     model.set_train(False)
     cells = dict(quant_cells(model))
-    for cell in cells.values():
-        cell.set_quant(weight=False, act=False)
+    _set_quant(cells, cells, False)
     batch = qcfg["calib_batch_size"]
     use_fp_input = qcfg.get("calib_input", "quantized") == "fp"
     report = {}
@@ -218,39 +260,13 @@ def calibrate_model(model, images, qcfg, log=sys.stderr):
     x_q = x_fp
     start = time.time()
     try:
-        for stage_name, fn, names in model_stages(model):
-            for name in names:
-                t0 = time.time()
-                cell = cells[name]
-                _, cap = run_stage(fn, x_fp, batch, {cell: "out"})
-                target = cap[cell]
-                if use_fp_input:
-                    _, cap_in = run_stage(fn, x_fp, batch, {cell: "in"})
-                else:
-                    _, cap_in = run_stage(fn, x_q, batch, {cell: "in"})
-                problem = build_problem(cell, cap_in[cell], target)
-                sa, sb, info = method.calibrate(cell, problem)
-                a_name, b_name = operand_roles(cell)
-                cell.set_scale(a_name, sa)
-                cell.set_scale(b_name, sb)
-                if problem.bias is not None:  # bias correction may have changed it
-                    cell.bias.set_data(Tensor(np.asarray(problem.bias, np.float32).reshape(cell.bias.shape)))
-                cell.set_quant(weight=True, act=True)
-                info["seconds"] = time.time() - t0
-                report[name] = info
-                del problem, cap, cap_in, target
-                obj = info.get("objective")
-                print(f"  {name:28s} {b_name}={_fmt(sb)} {a_name}={_fmt(sa)}"
-                      + (f" objective {obj[0]:.5f} -> {obj[-1]:.5f}" if obj else "")
-                      + f" [{info['seconds']:.1f}s, total {time.time() - start:.0f}s]", file=log, flush=True)
-            # advance both paths to the next stage: FP path with this stage's quantizers off
-            for name in names:
-                cells[name].set_quant(weight=False, act=False)
+        for _, fn, names in model_stages(model):
+            report.update(calibrate_stage(method, cells, fn, names, x_fp, x_q, batch, log, start))
+            # advance both paths to the next stage
+            _set_quant(cells, names, False)
             x_fp_next, _ = run_stage(fn, x_fp, batch)
-            for name in names:
-                cells[name].set_quant(weight=True, act=True)
-            if not use_fp_input:
-                x_q, _ = run_stage(fn, x_q, batch)
+            _set_quant(cells, names, True)
+            x_q = x_fp_next if use_fp_input else run_stage(fn, x_q, batch)[0]
             x_fp = x_fp_next
     finally:
         ms.set_context(mode=prev_mode)
