@@ -29,7 +29,8 @@ QUANT_KEYS = ["model", "ckpt", "data", "method", "w_bits", "a_bits", "calib_num"
               "calib_split", "calib_batch_size", "calib_input", "percentile", "search_alpha", "search_beta",
               "search_candidates", "search_rounds", "weight_per_channel", "softmax_unsigned", "quantize_head",
               "quantize_patch_embed", "quantize_matmul1", "quantize_matmul2", "max_rounds", "ranking_loss",
-              "ranking_gamma", "ranking_theta", "ranking_pairs", "bias_correction", "skip_bad_images", "crop_pct",
+              "ranking_gamma", "ranking_theta", "ranking_pairs", "bias_correction", "mixed_precision", "mp_target",
+              "skip_bad_images", "crop_pct",
               "interpolation", "num_classes", "drop_head", "seed"]
 EVAL_FIELDS = ("num_images", "skipped_images", "top1", "top5", "seconds", "images_per_second")
 SUITE_BITS = (8, 4)
@@ -51,7 +52,26 @@ def build_parser():
 
 
 def run_name(cfg):
-    return cfg.get("name") or f"{cfg['model']}_{cfg['method']}_w{cfg['w_bits']}a{cfg['a_bits']}"
+    if cfg.get("name"):
+        return cfg["name"]
+    if cfg.get("mixed_precision"):
+        return f"{cfg['model']}_{cfg['method']}_{cfg['mp_target']}"
+    return f"{cfg['model']}_{cfg['method']}_w{cfg['w_bits']}a{cfg['a_bits']}"
+
+
+def mixed_precision_bits(cfg, calib_images, build_model):
+    """Search one bit width per MSA/MLP module (src/quant/mixed_precision.py). Returns
+    (layer_bits for quantize_model, the search report, size target in MB)."""
+    from src.quant import model_size_mb, quantize_model, set_quant_mode
+    from src.quant.mixed_precision import layer_bits_from_modules, search_bits
+    model = build_model()
+    quantize_model(model, cfg)
+    set_quant_mode(model, "quantized")
+    target_mb = model_size_mb(model)  # the uniform model at the nominal width
+    report = search_bits(model, calib_images, cfg)
+    print(f"mixed precision {cfg['mp_target']}: " + ", ".join(f"{k}={v}" for k, v in report["modules"].items())
+          + f" [{report['seconds']:.1f}s]", flush=True)
+    return layer_bits_from_modules(model, report["modules"]), report, target_mb
 
 
 def fp_reference(cfg, dataset, model_fn):
@@ -95,6 +115,11 @@ def main(cfg):
     if qmodel is not None:
         raise ValueError(f"{cfg['ckpt']}: already a quantized checkpoint (model '{qmodel}'); quant.py "
                          "takes full-precision weights (evaluate it with eval.py --ckpt)")
+    if cfg.get("mixed_precision"):
+        if cfg["method"] != "vtptq":
+            raise ConfigError(f"mixed_precision is the paper's (vtptq) bit allocation; method is {cfg['method']!r}")
+        from src.quant.mixed_precision import MP_TARGETS
+        cfg["w_bits"] = cfg["a_bits"] = MP_TARGETS[cfg["mp_target"]][0]
     cfg["name"] = run_name(cfg)
     data_cfg = get_data_config(cfg["model"])
     dataset = build_eval_dataset(cfg, data_cfg)
@@ -106,10 +131,13 @@ def main(cfg):
           f"{len(calib_images)} calibration images, {len(dataset)} evaluation images", flush=True)
     fp = fp_reference(cfg, dataset, lambda: build_model(cfg))
 
+    t0 = time.time()
+    layer_bits, mp_report, mp_target_mb = None, None, None
+    if cfg.get("mixed_precision"):
+        layer_bits, mp_report, mp_target_mb = mixed_precision_bits(cfg, calib_images, lambda: build_model(cfg))
     model = build_model(cfg)  # a fresh instance: the FP one may hold a compiled graph
     fp_size = model_size_mb(model, quantized=False)
-    quantize_model(model, cfg)
-    t0 = time.time()
+    quantize_model(model, cfg, layer_bits)
     calib_report = calibrate_model(model, calib_images, cfg)
     calib_seconds = time.time() - t0
     print(f"calibrated in {calib_seconds:.1f}s", flush=True)
@@ -126,6 +154,8 @@ def main(cfg):
               "fp_top1": fp["top1"], "fp_top5": fp["top5"], "calib_num": len(calib_images),
               "calib_seconds": calib_seconds, "model_size_mb": model_size_mb(model), "fp_model_size_mb": fp_size,
               "quantized_checkpoint": ckpt_path, "layers": layers}
+    if mp_report is not None:
+        result.update(mp_target=cfg["mp_target"], mp_target_mb=mp_target_mb, mixed_precision=mp_report)
     atomic_write_json(os.path.join(out, "result.json"), result)
     print(f"{cfg['method']} W{cfg['w_bits']}A{cfg['a_bits']}: top-1 {result['top1']:.2f}% "
           f"(FP {fp['top1']:.2f}%), {result['model_size_mb']:.2f} MB (FP {fp_size:.2f} MB) -> {out}/result.json",

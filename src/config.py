@@ -61,6 +61,10 @@ DEFAULTS = {
     "ranking_theta": (0.2, "vtptq: margin θ of the ranking loss"),
     "ranking_pairs": (0, "vtptq: column pairs per attention row in the ranking loss (0: all T(T-1)/2; "
                          "N: a fixed seeded sample of N pairs)"),
+    "mixed_precision": (False, "vtptq: one bit width per MSA / MLP module chosen by the nuclear-norm-weighted "
+                               "error under a size target (w_bits / a_bits then come from mp_target)"),
+    "mp_target": ("6MP", "mixed-precision target: 4MP (bits 2..6, size of the uniform 4-bit model), "
+                         "6MP (4..8, 6-bit size), 8MP (6..10, 8-bit size)"),
     "bias_correction": (True, "vtptq: subtract the expected output error per channel from the bias after each round"),
     "fp_result": (None, "reuse this result.json of an FP eval (same model, checkpoint, data) instead of "
                         "evaluating the FP model again"),
@@ -71,6 +75,7 @@ CHOICES = {
     "mode": ("graph", "pynative"),
     "interpolation": (None, "bicubic", "bilinear", "nearest", "lanczos"),
     "method": ("minmax", "percentile", "easyquant", "vtptq"),
+    "mp_target": ("4MP", "6MP", "8MP"),
     "calib_input": ("quantized", "fp"),
 }
 
