@@ -382,7 +382,19 @@ CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.yaml")))
 
 QUANT_CONFIGS = ([f"deit_fmnist_{m}_w{b}a{b}.yaml" for m in ("minmax", "percentile", "easyquant") for b in (8, 4)]
                  + [f"deit_{s}_{m}_w{b}a{b}.yaml" for s in ("small", "base") for m in ("percentile", "easyquant")
-                    for b in (8, 6)])
+                    for b in (8, 6)]
+                 + [f"deit_{s}_vtptq_{t}.yaml" for s in ("small", "base") for t in ("w6a6", "w8a8", "6MP", "8MP")]
+                 + [f"vit_{s}_384_vtptq_{t}.yaml" for s in ("base", "large") for t in ("6MP", "8MP")]
+                 + ["deit_base_vtptq_4MP.yaml"]
+                 + [f"vit_base_384_ablation_{r}.yaml" for r in ("similarity", "ranking", "biascorr", "both", "mp_only")])
+
+
+def test_every_paper_row_has_a_config():
+    import csv
+    with open(os.path.join(REPO, "scripts", "paper_results.csv"), encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    names = {os.path.splitext(os.path.basename(p))[0] for p in CONFIGS}
+    assert rows and all(r["config"] in names and float(r["paper_top1"]) > 0 for r in rows)
 
 
 def test_expected_configs_exist():
@@ -408,8 +420,10 @@ def test_config_files_load(path):
     script = quant_script if "method" in cfg else eval_script
     resolved = resolve(script.build_parser().parse_args(["--config", path]))
     assert resolved["model"] == cfg["model"]
-    if "method" in cfg:  # a quant.py config: the name says the method and the bit widths
-        assert cfg["name"].endswith(f"_{cfg['method']}_w{cfg['w_bits']}a{cfg['a_bits']}")
+    if "method" in cfg:  # a quant.py config: the name says the method and the bit widths / MP target
+        if "ablation" not in cfg["name"]:
+            tag = cfg["mp_target"] if cfg.get("mixed_precision") else f"w{cfg['w_bits']}a{cfg['a_bits']}"
+            assert f"_{cfg['method']}_{tag}" in cfg["name"]
         assert f"configs/{os.path.basename(path)}" in text and "quant.py" in text
         assert resolved["calib_num"] == cfg["calib_num"]
 

@@ -320,6 +320,13 @@ def to_model_names(state, model):
     return out
 
 
+QUANT_STATE_SUFFIXES = (".w_scale", ".a_scale", ".b_scale")
+
+
+def _is_quant_state(name):
+    return name.endswith(QUANT_STATE_SUFFIXES)
+
+
 def load_checkpoint_into(model, path_or_state, drop_head=False):
     """Strictly load weights into `model` (a file path or a dict name -> array).
 
@@ -376,6 +383,9 @@ def load_checkpoint_into(model, path_or_state, drop_head=False):
                               "input resolution, patch size or width); position embeddings are not "
                               "interpolated, use a model that matches the checkpoint")
 
+    # the intervals of fake-quantized cells are calibration state, not FP weights: an FP
+    # checkpoint loads into a quantized model and leaves them as they are
+    expected = {k: p for k, p in expected.items() if k in state or not _is_quant_state(k)}
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     mismatched = [f"{k}: checkpoint {_shape(state[k].shape)} vs model {_shape(p.shape)}"
