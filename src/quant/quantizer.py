@@ -62,8 +62,12 @@ def quantize_np(x, scale, bits, signed=True):
 def fake_quant_np(x, scale, bits, signed=True):
     """x̂ = clip(round(x / Δ), qmin, qmax) · Δ in float32 (numpy reference)."""
     qmin, qmax = qrange(bits, signed)
-    x = np.asarray(x, np.float32)
-    return (np.clip(np.round(x / scale), qmin, qmax) * scale).astype(np.float32)
+    scale = np.asarray(scale, np.float32)
+    out = np.divide(np.asarray(x, np.float32), scale, dtype=np.float32)
+    np.round(out, out=out)
+    np.clip(out, qmin, qmax, out=out)
+    out *= scale
+    return out
 
 
 def fake_quant(x, scale, qmin, qmax):

@@ -17,18 +17,26 @@ CHUNK_ELEMS = 1 << 23  # float32 elements of candidate outputs held at once (32 
 
 
 def cosine(target, out):
-    """Cosine similarity per sample. target (n, M), out (..., n, M) -> (..., n)."""
-    num = np.einsum("...nm,nm->...n", out, target, dtype=np.float64)
-    den = np.linalg.norm(out, axis=-1) * np.linalg.norm(target, axis=-1)
-    return (num / np.maximum(den, EPS)).astype(np.float64)
+    """Cosine similarity per sample. target (n, M), out (..., n, M) -> float64 (..., n)."""
+    num = np.einsum("...nm,nm->...n", out, target).astype(np.float64)
+    oo = np.einsum("...m,...m->...", out, out).astype(np.float64)
+    tt = np.einsum("nm,nm->n", target, target).astype(np.float64)
+    return num / np.maximum(np.sqrt(oo * tt), EPS)
 
 
 def pearson(target, out):
     """Pearson correlation per sample over all elements of the sample's output (the paper's Γ).
-    target (n, M), out (..., n, M) -> (..., n)."""
-    t = target - target.mean(axis=-1, keepdims=True)
-    o = out - out.mean(axis=-1, keepdims=True)
-    return cosine(t, o)
+    target (n, M), out (..., n, M) -> float64 (..., n).
+
+    Three passes over `out` and no copy of it: Σ o·(t - t̄) (= Σ (o - ō)(t - t̄)), Σ o and Σ o²."""
+    m = target.shape[-1]
+    tc = target - target.mean(axis=-1, keepdims=True)
+    cov = np.einsum("...nm,nm->...n", out, tc).astype(np.float64)
+    so = out.sum(axis=-1, dtype=np.float64)
+    soo = np.einsum("...m,...m->...", out, out).astype(np.float64)
+    var_o = np.maximum(soo - so * so / m, 0.0)
+    var_t = np.einsum("nm,nm->n", tc, tc).astype(np.float64)
+    return cov / np.maximum(np.sqrt(var_o * var_t), EPS)
 
 
 OBJECTIVES = {"cosine": cosine, "pearson": pearson}
@@ -60,10 +68,14 @@ class LayerProblem:
         scale = np.asarray(scale, np.float32)
         return np.swapaxes(scale, -1, -2) if self.transpose_b and scale.ndim >= 2 else scale
 
+    def _add_bias(self, out):
+        if self.bias is not None:
+            out += self.bias
+        return out
+
     def forward(self, a, b_right):
         """Layer output from a and the right-multiplied operand (no candidate axes)."""
-        out = np.matmul(a, b_right)
-        return out if self.bias is None else out + self.bias
+        return self._add_bias(np.matmul(a, b_right))
 
     def forward_a_candidates(self, a_c, b_right):
         """a_c: (c, n, ..., K) -> (c, n, ...)."""
@@ -71,17 +83,17 @@ class LayerProblem:
             out = (a_c.reshape(-1, a_c.shape[-1]) @ b_right).reshape(a_c.shape[:-1] + (b_right.shape[-1],))
         else:
             out = np.matmul(a_c, b_right)
-        return out if self.bias is None else out + self.bias
+        return self._add_bias(out)
 
     def forward_b_candidates(self, a, b_c):
         """b_c: (c, K, out) for a shared weight, else (c, n, ..., K, M) -> (c, n, ...)."""
         if self.b_shared:
             c, k, o = b_c.shape
             flat = a.reshape(-1, k) @ b_c.transpose(1, 0, 2).reshape(k, c * o)  # (n·T, c·out)
-            out = np.moveaxis(flat.reshape(a.shape[:-1] + (c, o)), -2, 0)
+            out = np.ascontiguousarray(np.moveaxis(flat.reshape(a.shape[:-1] + (c, o)), -2, 0))
         else:
             out = np.matmul(a, b_c)
-        return out if self.bias is None else out + self.bias
+        return self._add_bias(out)
 
     def sample_chunks(self, num_candidates):
         step = max(1, CHUNK_ELEMS // max(1, num_candidates * self.out_elems))

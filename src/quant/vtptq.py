@@ -23,27 +23,37 @@ def ranking_loss(scores_fp, scores_q, theta=0.2, pairs=None):
     """Mean pairwise hinge loss per sample.
 
     scores_fp: (n, ..., T) FP scaled scores (rows on the last axis); scores_q: (c, n, ..., T)
-    quantized scores (any leading candidate axes). pairs: None for all i<j, or a tuple of
-    index arrays (i, j) of the column pairs to use. Returns (c, n)."""
+    quantized scores (any leading candidate axes). pairs: None for all pairs i<j, or a tuple
+    of index arrays (i, j) of the column pairs to use. Returns float64 (c, n)."""
     t = scores_fp.shape[-1]
     lead = scores_q.shape[:scores_q.ndim - scores_fp.ndim]
     n = scores_fp.shape[0]
     fp_rows = scores_fp.reshape(n, -1, t)
     q_rows = scores_q.reshape(lead + (n, -1, t))
     rows = fp_rows.shape[1]
-    if pairs is None:
-        ii, jj = np.triu_indices(t, k=1)
-    else:
-        ii, jj = pairs
+    num_pairs = t * (t - 1) // 2 if pairs is None else len(pairs[0])
+    width = t * t if pairs is None else num_pairs
     total = np.zeros(lead + (n,), np.float64)
-    step = max(1, ROW_CHUNK_ELEMS // max(1, len(ii) * int(np.prod(lead or (1,))) * n))
+    step = max(1, ROW_CHUNK_ELEMS // max(1, width * int(np.prod(lead, dtype=np.int64)) * n))
     for r in range(0, rows, step):
         a = fp_rows[:, r:r + step]
         q = q_rows[..., r:r + step, :]
-        sign = np.sign(a[..., ii] - a[..., jj])
-        hinge = np.maximum(0.0, theta - (q[..., ii] - q[..., jj]) * sign)
-        total += hinge.sum(axis=(-1, -2), dtype=np.float64)
-    return total / (rows * len(ii))
+        if pairs is None:
+            # every ordered pair: (i, j) and (j, i) give the same hinge, the diagonal gives θ
+            sign = np.sign(a[..., :, None] - a[..., None, :])
+            d = q[..., :, None] - q[..., None, :]
+        else:
+            ii, jj = pairs
+            sign = a[..., ii] - a[..., jj]
+            np.sign(sign, out=sign)
+            d = q[..., ii] - q[..., jj]
+        d *= sign
+        np.subtract(theta, d, out=d)
+        np.maximum(d, 0.0, out=d)
+        total += d.reshape(d.shape[:len(lead) + 1] + (-1,)).sum(axis=-1, dtype=np.float64)
+    if pairs is None:
+        total = (total - rows * t * theta) / 2.0
+    return total / (rows * num_pairs)
 
 
 def sample_pairs(t, num, seed=0):
