@@ -163,31 +163,40 @@ def main(cfg):
     return result
 
 
-def run_embedded_suite(out_root="outputs/embedded_suite"):
-    """The default job: every method at W8A8 and W4A4 on the embedded model; prints a table."""
+def run_embedded_suite(out_root="outputs/embedded_suite", variants=None, bits_list=None, overrides=None):
+    """Run quant.main on the embedded model for each variant and bit width; FP is evaluated
+    once and reused. variants: [(label, {config overrides})], default every method; a variant
+    with mixed_precision runs once (its widths come from mp_target). Prints and writes a
+    markdown table (OUT_ROOT/summary.md, rewritten after every run). Returns the results."""
     from src.quant import METHODS
-    from src.utils import atomic_write_text
-    base = defaults()
+    from src.utils import atomic_write_json, atomic_write_text
+    if variants is None:
+        variants = [(m, {"method": m}) for m in METHODS]
+    bits_list = SUITE_BITS if bits_list is None else bits_list
+    base = dict(defaults(), **(overrides or {}))
     os.makedirs(out_root, exist_ok=True)
     rows, fp_result = [], None
-    for method in sorted(METHODS, key=list(METHODS).index):
-        for bits in SUITE_BITS:
-            cfg = dict(base, method=method, w_bits=bits, a_bits=bits, name=f"{method}_w{bits}a{bits}",
-                       output=os.path.join(out_root, f"{method}_w{bits}a{bits}"), fp_result=fp_result)
+    lines = ["| variant | bits | top-1 | FP top-1 | delta | size MB | calib s |", "|---|---|---|---|---|---|---|"]
+    for label, over in variants:
+        for bits in ([None] if over.get("mixed_precision") else bits_list):
+            tag = over["mp_target"] if bits is None else f"w{bits}a{bits}"
+            cfg = dict(base, **over, name=f"{label}_{tag}", output=os.path.join(out_root, f"{label}_{tag}"),
+                       fp_result=fp_result)
+            if bits is not None:
+                cfg.update(w_bits=bits, a_bits=bits)
             res = main(cfg)
             if fp_result is None:  # evaluate FP once, reuse it for the other runs
                 fp_result = os.path.join(out_root, "fp_result.json")
-                from src.utils import atomic_write_json
                 atomic_write_json(fp_result, {"model": res["model"], "checkpoint": res["checkpoint"],
                                               "data": res["data"], "num_images": res["num_images"],
                                               "top1": res["fp_top1"], "top5": res["fp_top5"]})
             rows.append(res)
-    lines = ["| method | bits | top-1 | FP top-1 | delta | size MB | calib s |", "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['method']} | W{r['w_bits']}A{r['a_bits']} | {r['top1']:.2f} | {r['fp_top1']:.2f} | "
-                     f"{r['top1'] - r['fp_top1']:+.2f} | {r['model_size_mb']:.2f} | {r['calib_seconds']:.1f} |")
+            bits_txt = res.get("mp_target") or f"W{res['w_bits']}A{res['a_bits']}"
+            lines.append(f"| {label} | {bits_txt} | {res['top1']:.2f} | {res['fp_top1']:.2f} | "
+                         f"{res['top1'] - res['fp_top1']:+.2f} | {res['model_size_mb']:.3f} | "
+                         f"{res['calib_seconds']:.1f} |")
+            atomic_write_text(os.path.join(out_root, "summary.md"), "\n".join(lines) + "\n")
     table = "\n".join(lines)
-    atomic_write_text(os.path.join(out_root, "summary.md"), table + "\n")
     print("\n" + table + f"\n\n(written to {out_root}/summary.md)")
     return rows
 
