@@ -114,6 +114,8 @@ def score_candidates(problem, which, candidates, a_hat, b_hat_right, bits, signe
     weight); a_hat / b_hat_right: the other operand already fake-quantized (b in the layout
     of problem.b_right; the one being searched is ignored). extra_loss(out (c, n, ...), sample
     slice) -> (c, n) is subtracted from the objective (the ranking loss). Returns float64 (C,)."""
+    if problem.b_shared and extra_loss is None and objective in OBJECTIVES:
+        return _score_dense_moments(problem, which, candidates, a_hat, b_hat_right, bits, signed, objective)
     sim = OBJECTIVES[objective] if isinstance(objective, str) else objective
     num_c = len(candidates)
     cand_chunk = cand_chunk or max(1, min(num_c, CHUNK_ELEMS // max(1, problem.out_elems)))
@@ -157,3 +159,77 @@ def evaluate_pair(problem, a_hat, b_hat_right, objective, extra_loss=None):
             s = s - extra_loss(out[None], sl)
         total += float(s.sum())
     return total / problem.n
+
+
+def _similarity_from_sums(objective, cross, s_o, s_oo, t_norm2, m):
+    """Pearson (cross = Σ o·(t - t̄)) or cosine (cross = Σ o·t) from per-sample sums."""
+    if objective == "pearson":
+        var_o = np.maximum(s_oo - s_o * s_o / m, 0.0)
+    else:
+        var_o = np.maximum(s_oo, 0.0)
+    return cross / np.maximum(np.sqrt(var_o * t_norm2), EPS)
+
+
+def _score_dense_moments(problem, which, candidates, a_hat, b_hat_right, bits, signed, objective):
+    """score_candidates for a dense layer (shared weight) without forming the candidate outputs.
+
+    With o = x̂ Ŵᵀ + b per token, the objective needs per sample only Σ o·t', Σ o and Σ o²:
+      Σ o·t' = <Ŵ, t'ᵀ x̂> + Σ_o b_o Σ_t t'_o        Σ o = (Σ_t x̂)·(Σ_o Ŵ_o) + T Σ b
+      Σ o²   = <ŴᵀŴ, x̂ᵀ x̂> + 2 (Ŵᵀ b)·(Σ_t x̂) + T ‖b‖²
+    (t' the centered target for Pearson, the target for cosine). A weight search then costs
+    per-sample Gram matrices once and small products per candidate instead of C full layer
+    outputs; an input search uses x̂ (ŴᵀŴ) when the layer widens (in < out). Sums in float64."""
+    a, tgt = problem.a, problem.target
+    n_tok, k = a.shape[-2], a.shape[-1]
+    n = problem.n
+    m = problem.out_elems
+    bias = np.zeros(tgt.shape[-1]) if problem.bias is None else problem.bias.astype(np.float64)
+    t = tgt.reshape(n, n_tok, -1).astype(np.float64)
+    if objective == "pearson":
+        t = t - t.mean(axis=(1, 2), keepdims=True)
+    t_norm2 = np.einsum("nto,nto->n", t, t)
+    t_bias = t.sum(axis=1) @ bias  # Σ_o b_o Σ_t t'_o, (n,)
+    const_o, const_oo = n_tok * bias.sum(), n_tok * float(bias @ bias)
+    scores = np.zeros(len(candidates), np.float64)
+    if which == "b":
+        x = a_hat.reshape(n, n_tok, k).astype(np.float64)
+        x_sum = x.sum(axis=1)                                   # (n, K)
+        xt = np.swapaxes(x, 1, 2)
+        gram_x = np.matmul(xt, x).reshape(n, -1)                    # (n, K·K)
+        cross_x = np.matmul(np.swapaxes(t, 1, 2), x).reshape(n, -1)  # (n, O·K)
+        for c0 in range(0, len(candidates), 16):
+            cs = candidates[c0:c0 + 16]
+            w = fake_quant_np(problem.b[None], _expand_candidates(cs, problem.b.ndim), bits, signed).astype(np.float64)
+            cross = w.reshape(len(cs), -1) @ cross_x.T + t_bias                        # (c, n)
+            s_o = w.sum(axis=1) @ x_sum.T + const_o
+            s_oo = np.matmul(np.swapaxes(w, 1, 2), w).reshape(len(cs), -1) @ gram_x.T \
+                + 2.0 * (np.einsum("cok,o->ck", w, bias) @ x_sum.T) + const_oo
+            scores[c0:c0 + len(cs)] = _similarity_from_sums(objective, cross, s_o, s_oo, t_norm2, m).mean(axis=1)
+        return scores
+    w = np.swapaxes(b_hat_right, -1, -2)  # Ŵ (O, K), float32
+    w64 = w.astype(np.float64)
+    tw = (t @ w64).astype(np.float32)  # t' Ŵ, (n, T, K)
+    w_sum, w_bias = w64.sum(axis=0), w64.T @ bias
+    widen = k < w.shape[0]
+    gram_w = (w64.T @ w64).astype(np.float32) if widen else None
+    total = np.zeros(len(candidates), np.float64)
+    per_sample = n_tok * max(k, w.shape[0])
+    step_n = max(1, CHUNK_ELEMS // max(1, len(candidates) * per_sample))
+    cand_chunk = len(candidates) if step_n > 1 else max(1, CHUNK_ELEMS // per_sample)
+    for c0 in range(0, len(candidates), cand_chunk):
+        cs = candidates[c0:c0 + cand_chunk]
+        for i in range(0, n, step_n):
+            sl = slice(i, min(n, i + step_n))
+            xc = fake_quant_np(a[sl].reshape(-1, n_tok, k)[None], _expand_candidates(cs, 3), bits, signed)
+            cross = np.einsum("cntk,ntk->cn", xc, tw[sl]).astype(np.float64) + t_bias[sl]
+            x_sum = xc.sum(axis=2, dtype=np.float64)                    # (c, n, K)
+            s_o = x_sum @ w_sum + const_o
+            if widen:
+                s_oo = np.einsum("cntk,cntk->cn", xc @ gram_w, xc).astype(np.float64)
+            else:
+                out = xc @ np.ascontiguousarray(w.T)
+                s_oo = np.einsum("cnto,cnto->cn", out, out).astype(np.float64)
+            s_oo = s_oo + 2.0 * (x_sum @ w_bias) + const_oo
+            total[c0:c0 + len(cs)] += _similarity_from_sums(objective, cross, s_o, s_oo, t_norm2[sl], m).sum(axis=1)
+    scores[:] = total / n
+    return scores
