@@ -53,9 +53,12 @@ def build_fp(name):
     return create_model(name, checkpoint=default_checkpoint(name))
 
 
+RANKING_PAIRS = 0  # set from --ranking-pairs
+
+
 def bench_cfg(name, method, calib_num, bits=8):
     cfg = defaults()
-    cfg.update(model=name, method=method, w_bits=bits, a_bits=bits, calib_num=calib_num)
+    cfg.update(model=name, method=method, w_bits=bits, a_bits=bits, calib_num=calib_num, ranking_pairs=RANKING_PAIRS)
     return cfg
 
 
@@ -160,6 +163,8 @@ def build_parser():
     p.add_argument("--methods", type=csv_list, default=list(METHODS),
                    help=f"comma-separated calibration methods (default {','.join(METHODS)})")
     p.add_argument("--calib-num", type=int, default=32, help="calibration images of part (b) (default 32)")
+    p.add_argument("--ranking-pairs", type=int, default=0,
+                   help="vtptq: column pairs per attention row in the ranking loss (0: all; default 0)")
     p.add_argument("--device-target", default="CPU", choices=("CPU", "GPU", "Ascend"))
     p.add_argument("--verbose", action="store_true", help="show the per-layer calibration log")
     p.add_argument("--json", metavar="FILE", help="also write the figures to FILE")
@@ -167,7 +172,9 @@ def build_parser():
 
 
 def main(argv=None):
+    global RANKING_PAIRS
     args = build_parser().parse_args(argv)
+    RANKING_PAIRS = args.ranking_pairs
     known = set(list_models())
     for name in args.models:
         if name not in known:

@@ -151,7 +151,7 @@ def add_arguments(parser, keys):
         flag = "--" + key.replace("_", "-")
         typ = _expected_type(key)
         if typ is bool:
-            parser.add_argument(flag, dest=key, action="store_true", default=None,
+            parser.add_argument(flag, dest=key, action=argparse.BooleanOptionalAction, default=None,
                                 help=f"{help_text} (default {default})")
         else:
             choices = [c for c in CHOICES.get(key, ()) if c is not None] or None

@@ -187,6 +187,9 @@ class AlternatingSearch(Method):
                 break
             self.after_round(cell, problem, a_hat, b_hat)
         _, sa, sb, problem.bias = best
+        a_hat = fake_quant_np(problem.a, sa, a_q.bits, a_q.signed)
+        b_hat = fake_quant_np(problem.b_right, problem.right_scale(sb), b_q.bits, b_q.signed)
+        self.after_round(cell, problem, a_hat, b_hat)  # the correction of the intervals returned
         return sa, sb, {"objective": history, "rounds": len(history) - 1}
 
 
@@ -231,8 +234,8 @@ def calibrate_stage(method, cells, fn, names, x_fp, x_q, batch, log=None, start=
         a_name, b_name = operand_roles(cell)
         cell.set_scale(a_name, sa)
         cell.set_scale(b_name, sb)
-        if problem.bias is not None:  # bias correction may have changed it
-            cell.bias.set_data(Tensor(np.asarray(problem.bias, np.float32).reshape(cell.bias.shape)))
+        if problem.bias is not None and problem.bias is not problem.fp_bias:  # bias correction changed it
+            cell.set_bias_correction(problem.fp_bias - problem.bias)
         info["seconds"] = time.time() - t0
         report[name] = info
         if log is not None:

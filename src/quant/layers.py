@@ -35,14 +35,35 @@ class QuantCellMixin:
 
     operands = ()  # names of the operands, e.g. ("w", "a"); each has <name>_scale and <name>_q
 
+    bias_corr = None  # bias correction (numpy, per output channel); applied while quantized
+    _fp_bias = None
+
     def set_quant(self, weight=None, act=None):
-        """Turn quantization of the weight (w) and of the activations (a, b) on or off."""
+        """Turn quantization of the weight (w) and of the activations (a, b) on or off. With a
+        bias correction, the bias is the FP bias minus the correction while any quantizer is on,
+        and the FP bias while all are off (so FP reference passes stay those of the FP network)."""
         if weight is not None and "w" in self.operands:
             self.w_on = bool(weight)
         if act is not None:
             for op in self.operands:
                 if op != "w":
                     setattr(self, f"{op}_on", bool(act))
+        self._apply_bias()
+
+    def quantizing(self):
+        return any(getattr(self, f"{op}_on") for op in self.operands)
+
+    def set_bias_correction(self, corr):
+        """Subtract `corr` (out,) from the bias whenever the cell quantizes."""
+        if self._fp_bias is None:
+            self._fp_bias = self.bias.asnumpy().copy()
+        self.bias_corr = np.asarray(corr, np.float32).reshape(self._fp_bias.shape)
+        self._apply_bias()
+
+    def _apply_bias(self):
+        if self.bias_corr is not None:
+            value = self._fp_bias - self.bias_corr if self.quantizing() else self._fp_bias
+            self.bias.set_data(Tensor(value.astype(np.float32)))
 
     def set_bits(self, name, bits, signed=None):
         q = getattr(self, f"{name}_q")

@@ -58,6 +58,7 @@ class LayerProblem:
 
     def __init__(self, a, b, target, bias=None, transpose_b=True, b_shared=True):
         self.a, self.b, self.target, self.bias = a, b, target, bias
+        self.fp_bias = bias  # the bias before any correction
         self.transpose_b, self.b_shared = transpose_b, b_shared
         self.b_right = np.ascontiguousarray(np.swapaxes(b, -1, -2)) if transpose_b else b
         self.n = len(a)
