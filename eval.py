@@ -12,11 +12,10 @@ Examples:
 import argparse
 import os
 import sys
-import traceback
 
 os.environ.setdefault("GLOG_v", "3")  # MindSpore: warnings and errors only from its C++ side
 
-from src.config import ConfigError, add_arguments, output_dir, resolve, save_config  # noqa: E402
+from src.config import add_arguments, output_dir, resolve, save_config  # noqa: E402
 
 EVAL_KEYS = ["model", "ckpt", "data", "split", "batch_size", "device_target", "mode", "output", "name",
              "num_classes", "drop_head", "num_workers", "crop_pct", "interpolation", "skip_bad_images",
@@ -64,14 +63,9 @@ def main(cfg):
 
 
 def cli(argv=None):
+    from src.utils import run_cli
     args = build_parser().parse_args(argv)
-    try:
-        return main(resolve(args)) and 0
-    except (ConfigError, ValueError, FileNotFoundError, ImportError) as e:
-        if os.environ.get("VTPTQ_DEBUG"):
-            traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(lambda: main(resolve(args)))
 
 
 if __name__ == "__main__":

@@ -18,11 +18,10 @@ import json
 import os
 import sys
 import time
-import traceback
 
 os.environ.setdefault("GLOG_v", "3")  # MindSpore: warnings and errors only from its C++ side
 
-from src.config import ConfigError, add_arguments, check_value, defaults, output_dir, resolve, save_config  # noqa
+from src.config import ConfigError, add_arguments, defaults, output_dir, resolve, save_config  # noqa: E402
 
 QUANT_KEYS = ["model", "ckpt", "data", "method", "w_bits", "a_bits", "calib_num", "calib_seed", "output",
               "device_target", "fp_result", "mode", "batch_size", "split", "name", "num_workers", "max_images",
@@ -202,19 +201,11 @@ def run_embedded_suite(out_root="outputs/embedded_suite", variants=None, bits_li
 
 
 def cli(argv=None):
+    from src.utils import run_cli
     argv = sys.argv[1:] if argv is None else argv
-    try:
-        if not argv:
-            run_embedded_suite()
-            return 0
-        args = build_parser().parse_args(argv)
-        main(resolve(args))
-        return 0
-    except (ConfigError, ValueError, FileNotFoundError, ImportError) as e:
-        if os.environ.get("VTPTQ_DEBUG"):
-            traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if not argv:
+        return run_cli(run_embedded_suite)
+    return run_cli(lambda: main(resolve(build_parser().parse_args(argv))))
 
 
 if __name__ == "__main__":

@@ -59,6 +59,8 @@ RANKING_PAIRS = 0  # set from --ranking-pairs
 def bench_cfg(name, method, calib_num, bits=8):
     cfg = defaults()
     cfg.update(model=name, method=method, w_bits=bits, a_bits=bits, calib_num=calib_num, ranking_pairs=RANKING_PAIRS)
+    if get_data_config(name)["dataset"] == "fmnist":  # a small model: larger calibration batches, fewer op calls
+        cfg["calib_batch_size"] = 256
     return cfg
 
 

@@ -46,7 +46,8 @@ def main(argv=None):
     if not args.no_mp:
         variants = variants + MP_VARIANTS
     bits = tuple(int(b) for b in args.bits.split(","))
-    quant.run_embedded_suite(args.output, variants, bits, overrides={"calib_num": args.calib_num})
+    quant.run_embedded_suite(args.output, variants, bits,
+                             overrides={"calib_num": args.calib_num, "calib_batch_size": 256})
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ schedule, random-crop (pad 2) and horizontal-flip augmentation and label smoothi
     python scripts/train_fmnist.py [--epochs 15] [--out assets]
 """
 import argparse
-import json
 import math
 import os
 import sys

@@ -77,3 +77,18 @@ class Progress:
     @property
     def seconds(self):
         return time.time() - self.start
+
+
+def run_cli(fn, *args):
+    """Run an entry point's work; a user error (bad config, value, file) becomes one line
+    `error: ...` on stderr and exit code 2 (VTPTQ_DEBUG=1 shows the traceback)."""
+    import traceback
+    from .config import ConfigError
+    try:
+        fn(*args)
+        return 0
+    except (ConfigError, ValueError, FileNotFoundError, ImportError) as e:
+        if os.environ.get("VTPTQ_DEBUG"):
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr)
+        return 2

@@ -21,7 +21,7 @@ from PIL import Image
 import mindspore as ms
 
 from src.config import DEFAULTS, load_yaml, resolve
-from src.data.imagenet import ImageFolderDataset, build_eval_transform
+from src.data.imagenet import build_eval_transform
 from src.engine import predict, softmax
 from src.models import create_model, get_data_config, list_models
 from src.models import registry

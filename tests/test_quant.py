@@ -23,7 +23,7 @@ import src.quant
 from src.config import defaults
 from src.engine import predict
 from src.models import create_model, registry
-from src.models.weights import CheckpointError, load_checkpoint_into
+from src.models.weights import load_checkpoint_into
 from src.quant import (calibrate_model, load_quantized_checkpoint, model_size_mb, quant_cells, quantize_model,
                        read_quant_meta, save_quantized_checkpoint, set_quant_mode)
 from src.quant import search

@@ -6,6 +6,7 @@ network (`calib_input: fp`), then hands them to the method, which sets the inter
 Only one stage's activations (and one layer's captures) are held at a time, so the memory
 is bounded by the largest layer, not by the network.
 """
+import contextlib
 import sys
 import time
 
@@ -247,22 +248,32 @@ def calibrate_stage(method, cells, fn, names, x_fp, x_q, batch, log=None, start=
     return report
 
 
-def calibrate_model(model, images, qcfg, log=sys.stderr):
-    """Calibrate every quantized cell of `model` on images (N, C, H, W) with qcfg['method'],
-    stage by stage. Leaves the model in quantized mode. Returns {layer: info}."""
-    method = get_method(qcfg)
+@contextlib.contextmanager
+def calibration_session(model):
+    """PYNATIVE mode (forward hooks need it), inference mode, every quantizer off; yields
+    {name: quantized cell} and restores the previous execution mode afterwards."""
     prev_mode = ms.get_context("mode")
     ms.set_context(mode=ms.PYNATIVE_MODE)
     model.set_train(False)
     cells = dict(quant_cells(model))
     _set_quant(cells, cells, False)
+    try:
+        yield cells
+    finally:
+        ms.set_context(mode=prev_mode)
+
+
+def calibrate_model(model, images, qcfg, log=sys.stderr):
+    """Calibrate every quantized cell of `model` on images (N, C, H, W) with qcfg['method'],
+    stage by stage. Leaves the model in quantized mode. Returns {layer: info}."""
+    method = get_method(qcfg)
     batch = qcfg["calib_batch_size"]
     use_fp_input = qcfg.get("calib_input", "quantized") == "fp"
     report = {}
     x_fp = np.asarray(images, np.float32)
     x_q = x_fp
     start = time.time()
-    try:
+    with calibration_session(model) as cells:
         for _, fn, names in model_stages(model):
             report.update(calibrate_stage(method, cells, fn, names, x_fp, x_q, batch, log, start))
             # advance both paths to the next stage
@@ -271,8 +282,6 @@ def calibrate_model(model, images, qcfg, log=sys.stderr):
             _set_quant(cells, names, True)
             x_q = x_fp_next if use_fp_input else run_stage(fn, x_q, batch)[0]
             x_fp = x_fp_next
-    finally:
-        ms.set_context(mode=prev_mode)
     return report
 
 

@@ -90,27 +90,38 @@ class QuantCellMixin:
         return info
 
 
-class QuantDense(QuantCellMixin, nn.Dense):
-    """nn.Dense with fake-quantized input (`a_scale`) and weight (`w_scale`).
-
-    x: (..., in) -> (..., out). w_scale has shape (1,) or (out, 1) per output channel."""
+class _WeightLayerMixin(QuantCellMixin):
+    """A layer with a quantized weight (`w_scale`) and a quantized input (`a_scale`)."""
 
     operands = ("w", "a")
 
-    def __init__(self, in_channels, out_channels, has_bias=True, w_bits=8, a_bits=8, per_channel=False):
-        super().__init__(in_channels, out_channels, has_bias=has_bias)
+    def _init_quant(self, w_bits, a_bits, per_channel, channel_shape):
         self.per_channel = per_channel
         self.w_q, self.a_q = _QuantOperand(w_bits), _QuantOperand(a_bits)
-        self.w_scale = _scale_param((out_channels, 1) if per_channel else (1,), "w_scale")
+        self.w_scale = _scale_param(channel_shape if per_channel else (1,), "w_scale")
         self.a_scale = _scale_param((1,), "a_scale")
         self.w_on = self.a_on = False
 
-    def construct(self, x):
+    def _quant_input_weight(self, x):
         w = self.weight
         if self.a_on:
             x = fake_quant(x, self.a_scale, self.a_q.qmin, self.a_q.qmax)
         if self.w_on:
             w = fake_quant(w, self.w_scale, self.w_q.qmin, self.w_q.qmax)
+        return x, w
+
+
+class QuantDense(_WeightLayerMixin, nn.Dense):
+    """nn.Dense with fake-quantized input (`a_scale`) and weight (`w_scale`).
+
+    x: (..., in) -> (..., out). w_scale has shape (1,) or (out, 1) per output channel."""
+
+    def __init__(self, in_channels, out_channels, has_bias=True, w_bits=8, a_bits=8, per_channel=False):
+        super().__init__(in_channels, out_channels, has_bias=has_bias)
+        self._init_quant(w_bits, a_bits, per_channel, (out_channels, 1))
+
+    def construct(self, x):
+        x, w = self._quant_input_weight(x)
         shape = x.shape
         x = ops.matmul(x.reshape(-1, shape[-1]), w.T)
         if self.has_bias:
@@ -118,29 +129,19 @@ class QuantDense(QuantCellMixin, nn.Dense):
         return x.reshape(shape[:-1] + (w.shape[0],))
 
 
-class QuantConv2d(QuantCellMixin, nn.Conv2d):
+class QuantConv2d(_WeightLayerMixin, nn.Conv2d):
     """nn.Conv2d (the patch embedding) with fake-quantized input and weight.
 
     w_scale has shape (1,) or (out, 1, 1, 1) per output channel."""
-
-    operands = ("w", "a")
 
     def __init__(self, in_channels, out_channels, kernel_size, stride, has_bias=True, w_bits=8, a_bits=8,
                  per_channel=False):
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, pad_mode="valid",
                          has_bias=has_bias)
-        self.per_channel = per_channel
-        self.w_q, self.a_q = _QuantOperand(w_bits), _QuantOperand(a_bits)
-        self.w_scale = _scale_param((out_channels, 1, 1, 1) if per_channel else (1,), "w_scale")
-        self.a_scale = _scale_param((1,), "a_scale")
-        self.w_on = self.a_on = False
+        self._init_quant(w_bits, a_bits, per_channel, (out_channels, 1, 1, 1))
 
     def construct(self, x):
-        w = self.weight
-        if self.a_on:
-            x = fake_quant(x, self.a_scale, self.a_q.qmin, self.a_q.qmax)
-        if self.w_on:
-            w = fake_quant(w, self.w_scale, self.w_q.qmin, self.w_q.qmax)
+        x, w = self._quant_input_weight(x)
         out = self.conv2d(x, w)
         if self.has_bias:
             out = self.bias_add(out, self.bias)

@@ -16,9 +16,8 @@ import sys
 import time
 
 import numpy as np
-import mindspore as ms
 
-from .calibrate import _set_quant, calibrate_stage, get_method, run_stage
+from .calibrate import _set_quant, calibrate_stage, calibration_session, get_method, run_stage
 from .convert import quant_cells
 
 MP_TARGETS = {"4MP": (4, (2, 3, 4, 5, 6)), "6MP": (6, (4, 5, 6, 7, 8)), "8MP": (8, (6, 7, 8, 9, 10))}
@@ -111,18 +110,13 @@ def search_bits(model, images, qcfg, log=sys.stderr):
     target = qcfg["mp_target"]
     nominal, bits = MP_TARGETS[target]
     method = get_method(qcfg)
-    prev_mode = ms.get_context("mode")
-    ms.set_context(mode=ms.PYNATIVE_MODE)
-    model.set_train(False)
-    cells = dict(quant_cells(model))
-    _set_quant(cells, cells, False)
     modules = model_modules(model)
     batch = qcfg["calib_batch_size"]
     sens, omega, params = {}, {}, {}
     start = time.time()
     x = np.asarray(images, np.float32)
     cell_map = dict(model.cells_and_names())
-    try:
+    with calibration_session(model) as cells:
         x = run_stage(model.embed, x, batch)[0]
         for bi, blk in enumerate(model.blocks):
             mods = [m for m in modules if m[1] == bi]
@@ -151,8 +145,6 @@ def search_bits(model, images, qcfg, log=sys.stderr):
                       " ".join(f"{b}b:{o:.4g}" for b, o in zip(bits, omega[name]))
                       + f" [{time.time() - start:.0f}s]", file=log, flush=True)
             x = run_stage(blk, x, batch)[0]
-    finally:
-        ms.set_context(mode=prev_mode)
     names = [m[0] for m in modules]
     costs, capacity = size_units([params[n] for n in names], bits, nominal)
     picks = knapsack(costs, [omega[n] for n in names], capacity)
