@@ -9,11 +9,11 @@ import glob
 import importlib
 import io
 import json
-import math
 import os
 import sys
 
 import numpy as np
+from _helpers import randomize
 import pytest
 
 import mindspore as ms
@@ -74,25 +74,6 @@ def tiny_registered():
     yield TINY
     registry._MODELS.pop(TINY, None)
     registry._DATA_CFGS.pop(TINY, None)
-
-
-def randomize(model, seed=0):
-    """Seeded random weights of a useful scale (the default init gives near-zero logits)."""
-    rng = np.random.default_rng(seed)
-    for name, p in model.parameters_and_names():
-        leaf, shape = name.rsplit(".", 1)[-1], tuple(p.shape)
-        if leaf in ("w_scale", "a_scale", "b_scale"):
-            continue
-        if leaf == "weight":
-            v = rng.standard_normal(shape) / math.sqrt(np.prod(shape[1:]))
-        elif leaf == "gamma":
-            v = 1.0 + 0.1 * rng.standard_normal(shape)
-        elif leaf in ("cls_token", "pos_embed"):
-            v = 0.5 * rng.standard_normal(shape)
-        else:  # bias, beta
-            v = 0.1 * rng.standard_normal(shape)
-        p.set_data(Tensor(v.astype(np.float32)))
-    return model
 
 
 def tiny_fp(seed=0):

@@ -15,10 +15,10 @@ import os
 import sys
 
 import numpy as np
+from _helpers import randomize
 import pytest
 
 import mindspore as ms
-from mindspore import Tensor
 
 from src.config import defaults
 from src.models.vit import VisionTransformer
@@ -64,20 +64,7 @@ def qcfg(**kw):
 def tiny_vit(seed=0):
     """The tiny ViT with seeded random weights of a useful scale (set from numpy, so two calls
     with the same seed give the same weights whatever MindSpore's own RNG state)."""
-    model = VisionTransformer(**TINY_CFG)
-    rng = np.random.default_rng(seed)
-    for name, p in model.parameters_and_names():
-        leaf, shape = name.rsplit(".", 1)[-1], tuple(p.shape)
-        if leaf == "weight":
-            v = rng.standard_normal(shape) / math.sqrt(np.prod(shape[1:]))
-        elif leaf == "gamma":
-            v = 1.0 + 0.1 * rng.standard_normal(shape)
-        elif leaf in ("cls_token", "pos_embed"):
-            v = 0.5 * rng.standard_normal(shape)
-        else:  # bias, beta
-            v = 0.1 * rng.standard_normal(shape)
-        p.set_data(Tensor(v.astype(np.float32)))
-    return model
+    return randomize(VisionTransformer(**TINY_CFG), seed)
 
 
 def tiny_images(n=8, seed=1):
