@@ -30,6 +30,31 @@ class MatMul(nn.Cell):
         return self.bmm(a, b)
 
 
+def patch_conv(x, weight, bias, patch):
+    """Convolution with kernel = stride = `patch` and no padding, as one matrix product:
+    x (B, C, H, W), weight (D, C, p, p) -> (B, D, H/p, W/p). MindSpore's CPU Conv2d kernel takes
+    about 80x longer for this shape (6.5 s vs 0.08 s for 32 images at 224, DeiT-S)."""
+    b, c, h, w = x.shape
+    gh, gw = h // patch, w // patch
+    cols = x.reshape(b, c, gh, patch, gw, patch).transpose(0, 2, 4, 1, 3, 5).reshape(b * gh * gw, c * patch * patch)
+    out = ops.matmul(cols, weight.reshape(weight.shape[0], -1).T)
+    if bias is not None:
+        out = out + bias
+    return out.reshape(b, gh, gw, -1).transpose(0, 3, 1, 2)
+
+
+class PatchConv2d(nn.Conv2d):
+    """nn.Conv2d (same parameters and names) for non-overlapping patches, computed by patch_conv."""
+
+    def __init__(self, in_channels, out_channels, patch_size, has_bias=True):
+        super().__init__(in_channels, out_channels, patch_size, stride=patch_size, pad_mode="valid",
+                         has_bias=has_bias)
+        self.patch = patch_size
+
+    def construct(self, x):
+        return patch_conv(x, self.weight, self.bias if self.has_bias else None, self.patch)
+
+
 class PatchEmbed(nn.Cell):
     """Image (B, C, H, W) -> patch tokens (B, N, D) with a strided convolution."""
 
@@ -41,8 +66,7 @@ class PatchEmbed(nn.Cell):
         self.patch_size = patch_size
         self.grid_size = img_size // patch_size
         self.num_patches = self.grid_size * self.grid_size
-        self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size,
-                              pad_mode="valid", has_bias=True)
+        self.proj = PatchConv2d(in_chans, embed_dim, patch_size, has_bias=True)
 
     def construct(self, x):
         x = self.proj(x)

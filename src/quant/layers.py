@@ -10,7 +10,7 @@ Whether a cell quantizes is set by `set_quant(weight, act)`, model-wide through
 import numpy as np
 from mindspore import nn, ops, Parameter, Tensor
 
-from ..models.vit import MatMul
+from ..models.vit import MatMul, patch_conv
 from .quantizer import check_bits, fake_quant, qrange
 
 
@@ -130,7 +130,8 @@ class QuantDense(_WeightLayerMixin, nn.Dense):
 
 
 class QuantConv2d(_WeightLayerMixin, nn.Conv2d):
-    """nn.Conv2d (the patch embedding) with fake-quantized input and weight.
+    """nn.Conv2d of the patch embedding (kernel = stride, no padding; computed as one matrix
+    product, see src.models.vit.patch_conv) with fake-quantized input and weight.
 
     w_scale has shape (1,) or (out, 1, 1, 1) per output channel."""
 
@@ -142,10 +143,7 @@ class QuantConv2d(_WeightLayerMixin, nn.Conv2d):
 
     def construct(self, x):
         x, w = self._quant_input_weight(x)
-        out = self.conv2d(x, w)
-        if self.has_bias:
-            out = self.bias_add(out, self.bias)
-        return out
+        return patch_conv(x, w, self.bias if self.has_bias else None, self.kernel_size[0])
 
 
 class QuantMatMul(QuantCellMixin, MatMul):
@@ -179,6 +177,10 @@ def quant_dense_from(cell, w_bits, a_bits, per_channel=False):
 
 
 def quant_conv_from(cell, w_bits, a_bits, per_channel=False):
+    if tuple(cell.kernel_size) != tuple(cell.stride) or cell.kernel_size[0] != cell.kernel_size[1] \
+            or cell.pad_mode != "valid":
+        raise ValueError(f"QuantConv2d covers patch embeddings (square kernel = stride, no padding); got kernel "
+                         f"{cell.kernel_size}, stride {cell.stride}, pad_mode {cell.pad_mode}")
     q = QuantConv2d(cell.in_channels, cell.out_channels, cell.kernel_size, cell.stride, has_bias=cell.has_bias,
                     w_bits=w_bits, a_bits=a_bits, per_channel=per_channel)
     _copy_params(cell, q)
