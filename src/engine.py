@@ -130,6 +130,13 @@ def build_model(cfg):
     """The model named by cfg with its weights (see resolve_checkpoint); a quantized checkpoint
     gives the quantized model, in quantized mode."""
     from .models import create_model
+    ckpt = str(cfg.get("ckpt") or "")
+    if ckpt.endswith(".onnx"):
+        from .export.onnx import OnnxModel
+        return OnnxModel(ckpt)
+    if ckpt.endswith(".mindir"):
+        from .export.mindir import MindIRModel
+        return MindIRModel(ckpt)
     if cfg.get("ckpt") and quantized_checkpoint_model(cfg):
         from .quant.convert import load_quantized_checkpoint
         return load_quantized_checkpoint(cfg["ckpt"], cfg["model"])[0]
