@@ -8,6 +8,9 @@ Examples:
   python eval.py
   python eval.py --config configs/deit_small_fp.yaml --data /data/imagenet --ckpt deit_small.safetensors
   python eval.py --model deit_base_patch16_224 --ckpt deit_base.ckpt --data /data/imagenet --batch-size 64
+  python eval.py --ckpt outputs/<run>/quantized.onnx       # an exported model (export.py), onnxruntime
+  msrun --worker_num=2 --local_worker_num=2 --master_port=8118 --join=True eval.py --max-images 1000
+      (data-parallel: each worker evaluates a shard; rank 0 writes the result)
 """
 import argparse
 import os
@@ -32,27 +35,35 @@ def build_parser():
 def main(cfg):
     """Evaluate per the resolved config dict; writes result.json and config.yaml; returns the result."""
     from src.data.build import build_eval_dataset, data_description
-    from src.engine import (build_model, evaluate, quantized_checkpoint_model, resolve_checkpoint, setup_context,
+    from src.distributed import evaluate_sharded, init_distributed, shard_indices
+    from src.engine import (build_model, quantized_checkpoint_model, resolve_checkpoint, setup_context,
                             write_predictions_csv)
     from src.models import get_data_config
     from src.utils import atomic_write_json
 
-    quantized_checkpoint_model(cfg)  # a quantized checkpoint names its model
-    out = output_dir(cfg, "eval")
-    save_config(cfg, os.path.join(out, "config.yaml"))
+    quantized_checkpoint_model(cfg)  # a quantized checkpoint (or an exported model) names its model
     setup_context(cfg["device_target"], cfg["mode"], cfg["seed"])
+    dist = init_distributed(cfg["device_target"])  # msrun workers: rank, size; else a group of one
+    out = output_dir(cfg, "eval")
+    if dist.is_main:
+        save_config(cfg, os.path.join(out, "config.yaml"))
     # the data first: a model/data mismatch or a missing folder fails before a large model is built
     dataset = build_eval_dataset(cfg, get_data_config(cfg["model"]))
-    if resolve_checkpoint(cfg) is None:
+    shard_indices(len(dataset), dist.rank, dist.size)  # more workers than images: an error now
+    if resolve_checkpoint(cfg) is None and dist.is_main:
         print(f"warning: no --ckpt given: {cfg['model']} is evaluated with random weights", file=sys.stderr)
     model = build_model(cfg)
+    workers = f", {dist.size} workers (this is rank {dist.rank})" if dist.enabled else ""
     print(f"evaluating {cfg['model']} on {data_description(cfg)}: {len(dataset)} images, "
-          f"batch {cfg['batch_size']}, {cfg['device_target']} {cfg['mode']} mode", flush=True)
-    res = evaluate(model, dataset, cfg["batch_size"], num_workers=cfg["num_workers"],
-                   keep_predictions=bool(cfg.get("save_predictions")))
+          f"batch {cfg['batch_size']}, {cfg['device_target']} {cfg['mode']} mode{workers}", flush=True)
+    res = evaluate_sharded(model, dataset, cfg["batch_size"], num_workers=cfg["num_workers"],
+                           keep_predictions=bool(cfg.get("save_predictions")))
     predictions = res.pop("predictions", None)
     result = {"model": cfg["model"], "checkpoint": resolve_checkpoint(cfg), "data": data_description(cfg),
               **res, "batch_size": cfg["batch_size"], "device_target": cfg["device_target"], "mode": cfg["mode"]}
+    result["num_shards"] = dist.size
+    if not dist.is_main:  # rank 0 writes the files
+        return result
     if predictions is not None:
         write_predictions_csv(cfg["save_predictions"], predictions)
         result["predictions_file"] = cfg["save_predictions"]

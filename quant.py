@@ -12,6 +12,9 @@ Examples:
   python quant.py --config configs/deit_fmnist_easyquant_w4a4.yaml
   python quant.py --config configs/deit_small_easyquant_w6a6.yaml --data /data/imagenet --ckpt deit_small.safetensors
   python eval.py --ckpt outputs/<name>/quantized.ckpt      # re-evaluate the saved quantized model
+  msrun --worker_num=2 --local_worker_num=2 --master_port=8118 --join=True quant.py --config CONFIG
+      (data-parallel evaluation; every worker calibrates on the same seeded images and all take
+       rank 0's intervals; rank 0 writes quantized.ckpt and result.json)
 """
 import argparse
 import json
@@ -77,7 +80,8 @@ def fp_reference(cfg, dataset, model_fn):
     """FP metrics: from cfg['fp_result'] (checked to be the same model, checkpoint and data) or
     by evaluating the FP model."""
     from src.data.build import data_description
-    from src.engine import evaluate, resolve_checkpoint
+    from src.distributed import evaluate_sharded
+    from src.engine import resolve_checkpoint
     if cfg.get("fp_result"):
         path = cfg["fp_result"]
         if not os.path.isfile(path):
@@ -93,7 +97,7 @@ def fp_reference(cfg, dataset, model_fn):
             if fp.get(key) != value:
                 raise ValueError(f"{path}: fp_result has {key} {fp.get(key)!r}, this run has {value!r}")
         return {k: fp[k] for k in ("top1", "top5")}
-    res = evaluate(model_fn(), dataset, cfg["batch_size"], num_workers=cfg["num_workers"], desc="FP eval")
+    res = evaluate_sharded(model_fn(), dataset, cfg["batch_size"], num_workers=cfg["num_workers"], desc="FP eval")
     print(f"full precision: top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%", flush=True)
     return res
 
@@ -101,7 +105,8 @@ def fp_reference(cfg, dataset, model_fn):
 def main(cfg):
     """Quantize per the resolved config dict; returns the result dict (also OUTPUT/result.json)."""
     from src.data.build import build_eval_dataset, data_description, load_calibration_images
-    from src.engine import build_model, evaluate, resolve_checkpoint, setup_context
+    from src.distributed import evaluate_sharded, init_distributed, shard_indices, sync_calibration
+    from src.engine import build_model, resolve_checkpoint, setup_context
     from src.models import get_data_config
     from src.quant import (calibrate_model, layer_report, model_size_mb, quantize_model,
                            save_quantized_checkpoint)
@@ -123,11 +128,15 @@ def main(cfg):
     data_cfg = get_data_config(cfg["model"])
     dataset = build_eval_dataset(cfg, data_cfg)
     calib_images = load_calibration_images(cfg, data_cfg)
-    out = output_dir(cfg, "quant")
-    save_config(cfg, os.path.join(out, "config.yaml"))
     setup_context(cfg["device_target"], cfg["mode"], cfg["seed"])
+    dist = init_distributed(cfg["device_target"])  # msrun workers: rank, size; else a group of one
+    shard_indices(len(dataset), dist.rank, dist.size)  # more workers than images: an error now
+    out = output_dir(cfg, "quant")
+    if dist.is_main:
+        save_config(cfg, os.path.join(out, "config.yaml"))
+    workers = f", {dist.size} workers (this is rank {dist.rank})" if dist.enabled else ""
     print(f"{cfg['name']}: {cfg['model']} {cfg['method']} W{cfg['w_bits']}A{cfg['a_bits']}, "
-          f"{len(calib_images)} calibration images, {len(dataset)} evaluation images", flush=True)
+          f"{len(calib_images)} calibration images, {len(dataset)} evaluation images{workers}", flush=True)
     fp = fp_reference(cfg, dataset, lambda: build_model(cfg))
 
     t0 = time.time()
@@ -138,12 +147,14 @@ def main(cfg):
     fp_size = model_size_mb(model, quantized=False)
     quantize_model(model, cfg, layer_bits)
     calib_report = calibrate_model(model, calib_images, cfg)
+    sync_diff = sync_calibration(model)  # every rank evaluates rank 0's calibration
     calib_seconds = time.time() - t0
     print(f"calibrated in {calib_seconds:.1f}s", flush=True)
     ckpt_path = os.path.join(out, "quantized.ckpt")
-    save_quantized_checkpoint(model, ckpt_path, cfg["model"],
-                              extra_meta={"method": cfg["method"], "w_bits": cfg["w_bits"], "a_bits": cfg["a_bits"]})
-    res = evaluate(model, dataset, cfg["batch_size"], num_workers=cfg["num_workers"], desc="quantized eval")
+    if dist.is_main:
+        save_quantized_checkpoint(model, ckpt_path, cfg["model"], extra_meta={
+            "method": cfg["method"], "w_bits": cfg["w_bits"], "a_bits": cfg["a_bits"]})
+    res = evaluate_sharded(model, dataset, cfg["batch_size"], num_workers=cfg["num_workers"], desc="quantized eval")
     layers = layer_report(model)
     for name, info in calib_report.items():
         layers[name]["calibration"] = info
@@ -155,6 +166,10 @@ def main(cfg):
               "quantized_checkpoint": ckpt_path, "layers": layers}
     if mp_report is not None:
         result.update(mp_target=cfg["mp_target"], mp_target_mb=mp_target_mb, mixed_precision=mp_report)
+    if dist.enabled:
+        result.update(num_shards=dist.size, calibration_rank_max_diff=sync_diff)
+    if not dist.is_main:  # rank 0 writes the files
+        return result
     atomic_write_json(os.path.join(out, "result.json"), result)
     print(f"{cfg['method']} W{cfg['w_bits']}A{cfg['a_bits']}: top-1 {result['top1']:.2f}% "
           f"(FP {fp['top1']:.2f}%), {result['model_size_mb']:.2f} MB (FP {fp_size:.2f} MB) -> {out}/result.json",
@@ -167,6 +182,7 @@ def run_embedded_suite(out_root="outputs/embedded_suite", variants=None, bits_li
     once and reused. variants: [(label, {config overrides})], default every method; a variant
     with mixed_precision runs once (its widths come from mp_target). Prints and writes a
     markdown table (OUT_ROOT/summary.md, rewritten after every run). Returns the results."""
+    from src.distributed import barrier, context
     from src.quant import METHODS
     from src.utils import atomic_write_json, atomic_write_text
     if variants is None:
@@ -186,15 +202,18 @@ def run_embedded_suite(out_root="outputs/embedded_suite", variants=None, bits_li
             res = main(cfg)
             if fp_result is None:  # evaluate FP once, reuse it for the other runs
                 fp_result = os.path.join(out_root, "fp_result.json")
-                atomic_write_json(fp_result, {"model": res["model"], "checkpoint": res["checkpoint"],
-                                              "data": res["data"], "num_images": res["num_images"],
-                                              "top1": res["fp_top1"], "top5": res["fp_top5"]})
+                if context().is_main:
+                    atomic_write_json(fp_result, {"model": res["model"], "checkpoint": res["checkpoint"],
+                                                  "data": res["data"], "num_images": res["num_images"],
+                                                  "top1": res["fp_top1"], "top5": res["fp_top5"]})
+                barrier()  # the other ranks read it in the next run
             rows.append(res)
             bits_txt = res.get("mp_target") or f"W{res['w_bits']}A{res['a_bits']}"
             lines.append(f"| {label} | {bits_txt} | {res['top1']:.2f} | {res['fp_top1']:.2f} | "
                          f"{res['top1'] - res['fp_top1']:+.2f} | {res['model_size_mb']:.3f} | "
                          f"{res['calib_seconds']:.1f} |")
-            atomic_write_text(os.path.join(out_root, "summary.md"), "\n".join(lines) + "\n")
+            if context().is_main:
+                atomic_write_text(os.path.join(out_root, "summary.md"), "\n".join(lines) + "\n")
     table = "\n".join(lines)
     print("\n" + table + f"\n\n(written to {out_root}/summary.md)")
     return rows

@@ -10,6 +10,7 @@
 # ($EVAL_LOG_DIR / $QUANT_LOG_DIR, else $RUN_LOG_DIR, override the folder; $PYTHON the interpreter).
 
 ENTRY=${ENTRY:-eval.py}
+_MSRUN_WORKERS=  # set by run_distribute only
 
 _usage() {
     local script example layout="val/<wnid>/*.JPEG"
@@ -77,12 +78,58 @@ run_entry() {
     log_dir=${!dir_var:-${RUN_LOG_DIR:-outputs/logs}}
     mkdir -p "$log_dir" || exit 1
     log="$(_abspath "$log_dir")/${kind}_${name}_$(date +%Y%m%d_%H%M%S).log"
-    echo "[$(date '+%F %T')] ${PYTHON:-python} $ENTRY ${args[*]}" | tee "$log"
     set -o pipefail
+    if [ -n "$_MSRUN_WORKERS" ]; then
+        _run_msrun "$log" "${log%.log}" "${args[@]}"
+        exit $?
+    fi
+    echo "[$(date '+%F %T')] ${PYTHON:-python} $ENTRY ${args[*]}" | tee "$log"
     "${PYTHON:-python}" "$ENTRY" "${args[@]}" 2>&1 | tee -a "$log"
     local rc=$?
     echo "log: $log (exit code $rc)"
     exit $rc
+}
+
+# _run_msrun LOG WORKER_LOG_DIR ARGS...: msrun with _MSRUN_WORKERS local workers running ENTRY.
+_run_msrun() {
+    local log=$1 wlog_dir
+    wlog_dir="$(dirname "$2")/msrun_$(basename "$2")"
+    shift 2
+    local py bin
+    py=$(command -v "${PYTHON:-python}") || { echo "error: interpreter not found: ${PYTHON:-python}" >&2; exit 1; }
+    bin=$(dirname "$py")
+    # msrun starts its workers as 'python ENTRY ...': the interpreter's folder goes first on PATH
+    export PATH="$bin:$PATH"
+    local cmd=("$py" -m mindspore.parallel.cluster.run --worker_num="$_MSRUN_WORKERS" --local_worker_num="$_MSRUN_WORKERS"
+               --master_port="${MASTER_PORT:-8118}" --log_dir="$wlog_dir" --join=True "$ENTRY" "$@")
+    echo "[$(date '+%F %T')] ${cmd[*]}" | tee "$log"
+    "${cmd[@]}" >> "$log" 2>&1
+    local rc=$?
+    if [ -f "$wlog_dir/worker_0.log" ]; then
+        grep -v -E '^\[(INFO|WARNING)\]' "$wlog_dir/worker_0.log" | tee -a "$log"
+    fi
+    [ $rc -ne 0 ] && grep -h -E '^error:' "$wlog_dir"/worker_*.log 2>/dev/null | sort -u | tee -a "$log" >&2
+    echo "log: $log, worker logs: $wlog_dir/ (exit code $rc)"
+    return $rc
+}
+
+# run_distribute NUM_WORKERS CONFIG [DATA_ROOT] [CKPT] [flags...]: run_entry under msrun.
+run_distribute() {
+    case "$1" in -h|--help|"") _usage_distribute "${1:+}" ;; esac
+    case "$1" in
+        *[!0-9]*|0) _usage_distribute "NUM_WORKERS must be a positive integer, got '$1'" ;;
+    esac
+    _MSRUN_WORKERS=$1
+    shift
+    run_entry "$@"
+}
+
+_usage_distribute() {
+    [ -n "$1" ] && echo "error: $1" >&2
+    echo "usage: bash scripts/$(basename "$0") NUM_WORKERS CONFIG [DATA_ROOT] [CKPT] [extra $ENTRY flags...]" >&2
+    echo "  NUM_WORKERS  worker processes on this machine (msrun); each evaluates a shard of the data" >&2
+    echo "  then as the single-process script: bash scripts/run_${ENTRY%.py}_$(printf '%s' "$DEVICE" | tr '[:upper:]' '[:lower:]').sh --help" >&2
+    exit 1
 }
 
 run_eval() {

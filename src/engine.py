@@ -46,13 +46,15 @@ def predict(model, images, batch_size):
     return np.concatenate(out)
 
 
-def evaluate(model, dataset, batch_size, num_workers=2, keep_predictions=False, desc="eval", indices=None):
+def evaluate(model, dataset, batch_size, num_workers=2, keep_predictions=False, desc="eval", indices=None,
+             allow_empty=False):
     """Top-1/top-5 of `model` on `dataset` (anything with iter_batches). Never shuffles and
     never drops the last partial batch (it is zero-padded and the padding ignored).
 
     Returns dict(num_images, skipped_images, top1, top5, correct1, correct5, seconds,
     images_per_second) and, with keep_predictions, 'predictions': list of
-    (name, label, top5 indices, top5 probabilities)."""
+    (name, label, top5 indices, top5 probabilities). allow_empty: no error when every image
+    was skipped (one shard of a distributed run)."""
     model.set_train(False)
     total = len(dataset) if indices is None else len(indices)
     progress = Progress(total, desc=desc)
@@ -78,10 +80,10 @@ def evaluate(model, dataset, batch_size, num_workers=2, keep_predictions=False, 
             progress.stream.flush()
         raise
     seconds = time.time() - start
-    if count == 0:
+    if count == 0 and not allow_empty:
         raise ValueError("no images were evaluated (all skipped or an empty data set)")
     result = dict(num_images=count, skipped_images=dataset.skipped_images,
-                  top1=100.0 * correct1 / count, top5=100.0 * correct5 / count,
+                  top1=100.0 * correct1 / max(count, 1), top5=100.0 * correct5 / max(count, 1),
                   correct1=correct1, correct5=correct5,
                   seconds=seconds, images_per_second=count / seconds if seconds > 0 else None)
     if keep_predictions:
@@ -110,18 +112,33 @@ def resolve_checkpoint(cfg):
     return default_checkpoint(cfg["model"])
 
 
+def exported_model_name(path):
+    """The model name stored in an exported .onnx or .mindir file (None for other files)."""
+    path = str(path)
+    if path.endswith(".onnx"):
+        from .export.onnx import onnx_model_name
+        return onnx_model_name(path)
+    if path.endswith(".mindir"):
+        from .export.mindir import mindir_model_name
+        return mindir_model_name(path)
+    return None
+
+
 def quantized_checkpoint_model(cfg):
-    """If cfg['ckpt'] is a quantized checkpoint, the model name it holds (and cfg['model'] is
-    set to it); an error if the config names another model explicitly. Else None."""
+    """If cfg['ckpt'] is a quantized checkpoint or an exported model (.onnx, .mindir), the
+    model name it holds (and cfg['model'] is set to it); an error if the config names another
+    model explicitly. Else None."""
     from .quant.convert import read_quant_meta
     if not cfg.get("ckpt"):
         return None
-    found = read_quant_meta(cfg["ckpt"])
-    if found is None:
-        return None
-    name = found[0]["model"]
+    name = exported_model_name(cfg["ckpt"])
+    if name is None:
+        found = read_quant_meta(cfg["ckpt"])
+        if found is None:
+            return None
+        name = found[0]["model"]
     if "model" in cfg.get("given_keys", ()) and cfg["model"] != name:
-        raise ValueError(f"{cfg['ckpt']}: quantized checkpoint of model '{name}', but model '{cfg['model']}' was given")
+        raise ValueError(f"{cfg['ckpt']}: quantized model '{name}', but model '{cfg['model']}' was given")
     cfg["model"] = name
     return name
 

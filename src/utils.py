@@ -79,6 +79,10 @@ class Progress:
         return time.time() - self.start
 
 
+class UserError(Exception):
+    """An error in how a run was set up or launched (not a bug): run_cli prints it on one line."""
+
+
 def run_cli(fn, *args):
     """Run an entry point's work; a user error (bad config, value, file) becomes one line
     `error: ...` on stderr and exit code 2 (VTPTQ_DEBUG=1 shows the traceback)."""
@@ -87,7 +91,7 @@ def run_cli(fn, *args):
     try:
         fn(*args)
         return 0
-    except (ConfigError, ValueError, FileNotFoundError, ImportError) as e:
+    except (ConfigError, UserError, ValueError, FileNotFoundError, ImportError) as e:
         if os.environ.get("VTPTQ_DEBUG"):
             traceback.print_exc()
         print(f"error: {e}", file=sys.stderr)

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Quantize a config with msrun on Ascend, NUM_WORKERS worker processes on this machine (data-parallel):
+#   bash scripts/run_quant_distribute_ascend.sh NUM_WORKERS CONFIG [DATA_ROOT] [CKPT] [extra quant.py flags...]
+#   e.g. bash scripts/run_quant_distribute_ascend.sh 2 configs/deit_fmnist_minmax_w8a8.yaml embedded
+DEVICE=Ascend
+ENTRY=quant.py
+source "$(dirname "${BASH_SOURCE[0]}")/_run_common.sh"
+run_distribute "$@"

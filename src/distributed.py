@@ -1,0 +1,222 @@
+"""Data-parallel evaluation and calibration across the workers of an `msrun` launch.
+
+    msrun --worker_num=2 --local_worker_num=2 --master_port=8118 --join=True eval.py ...
+
+A process started by msrun (MS_WORKER_NUM / MS_ROLE in its environment) joins the
+communication group in `init_distributed`; any other process is a group of one and never
+touches mindspore.communication. Each worker evaluates a contiguous shard of the data set
+(`shard_indices`: shards differ in size by at most one image, none counted twice or left
+out); counts are combined with AllReduce and predictions with AllGather, so top-1/top-5 are
+those of a single-process run whatever the number of workers. Rank 0 alone writes files.
+
+Calibration: every worker calibrates on the same seeded images (the results are
+deterministic), then every worker takes rank 0's calibration state (bits, intervals and
+corrected biases, `sync_calibration`), so all ranks evaluate the same quantized model even if
+a kernel were to round differently in another process.
+
+MindSpore's CPU collectives reduce float32 only (AllReduce: sum only), so integers travel as
+float32 (exact below 2^24) and maxima are taken from an AllGather.
+"""
+import os
+import sys
+
+import numpy as np
+
+from .utils import UserError
+
+LAUNCH_ENV = "MS_WORKER_NUM"  # set by msrun for every worker
+EXACT_FLOAT32 = 2 ** 24
+
+
+class DistContext:
+    """rank, size and whether this process writes results (rank 0)."""
+
+    def __init__(self, rank=0, size=1):
+        self.rank, self.size = int(rank), int(size)
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    @property
+    def enabled(self):
+        return self.size > 1
+
+    def __repr__(self):
+        return f"DistContext(rank={self.rank}, size={self.size})"
+
+
+_CONTEXT = DistContext()
+
+
+def launched_distributed():
+    """True in a worker started by msrun (or any launcher that sets MS_WORKER_NUM > 1)."""
+    try:
+        return int(os.environ.get(LAUNCH_ENV, "1")) > 1
+    except ValueError:
+        return False
+
+
+def init_distributed(device_target="CPU"):
+    """Join the communication group when launched by msrun; returns the DistContext (also
+    kept module-wide, see context()). A launch whose backend cannot start is a UserError
+    (one line from the command-line tools)."""
+    global _CONTEXT
+    if not launched_distributed():
+        _CONTEXT = DistContext()
+        return _CONTEXT
+    if _CONTEXT.enabled:
+        return _CONTEXT
+    from mindspore.communication import get_group_size, get_rank, init
+    try:
+        init()
+    except Exception as e:  # noqa: BLE001 - MindSpore raises RuntimeError/ValueError with pages of text
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"distributed launch ({LAUNCH_ENV}={os.environ.get(LAUNCH_ENV)}) but the "
+                           f"{device_target} communication backend did not start: {first}") from None
+    _CONTEXT = DistContext(get_rank(), get_group_size())
+    return _CONTEXT
+
+
+def context():
+    return _CONTEXT
+
+
+def shard_indices(num_items, rank, size):
+    """Contiguous shard `rank` of range(num_items) for `size` workers; sizes differ by at most 1."""
+    if size > num_items:
+        raise ValueError(f"{size} workers for {num_items} images: every worker needs at least one image; "
+                         f"launch at most {num_items} workers")
+    start, stop = num_items * rank // size, num_items * (rank + 1) // size
+    return np.arange(start, stop)
+
+
+def all_gather(array):
+    """AllGather of a float32 array of the same shape on every rank: (size,) + shape."""
+    from mindspore import Tensor, ops
+    a = np.ascontiguousarray(array, np.float32)
+    if not _CONTEXT.enabled:
+        return a[None]
+    out = ops.AllGather()(Tensor(a.reshape((1,) + a.shape))).asnumpy()
+    return out.reshape((_CONTEXT.size,) + a.shape)
+
+
+def barrier():
+    """Wait until every rank gets here (an AllGather of one number)."""
+    if _CONTEXT.enabled:
+        all_gather(np.zeros(1, np.float32))
+
+
+def all_sum(values):
+    """Sum over ranks of a vector of non-negative integers (exact: checked below 2^24)."""
+    v = np.asarray(values, np.float64)
+    if not _CONTEXT.enabled:
+        return v.astype(np.int64)
+    total = all_gather(v).astype(np.float64).sum(axis=0)
+    if np.any(total >= EXACT_FLOAT32):
+        raise OverflowError("a distributed count reached 2^24; float32 collectives cannot carry it exactly")
+    return np.rint(total).astype(np.int64)
+
+
+def gather_rows(rows, width):
+    """AllGather of per-rank float32 tables (n_r, width) with different n_r; concatenated in rank order."""
+    rows = np.asarray(rows, np.float32).reshape(-1, width)
+    counts = all_gather(np.array([len(rows)], np.float32))[:, 0].astype(np.int64)
+    longest = int(counts.max())
+    padded = np.zeros((max(longest, 1), width), np.float32)
+    padded[:len(rows)] = rows
+    table = all_gather(padded)
+    return np.concatenate([table[r, :counts[r]] for r in range(len(counts))])
+
+
+def evaluate_sharded(model, dataset, batch_size, num_workers=2, keep_predictions=False, desc="eval"):
+    """src.engine.evaluate over this rank's shard, combined over ranks (see the module doc).
+    Single process: evaluate on the whole data set."""
+    from .engine import evaluate
+    ctx = _CONTEXT
+    if not ctx.enabled:
+        return evaluate(model, dataset, batch_size, num_workers=num_workers, keep_predictions=keep_predictions,
+                        desc=desc)
+    shard = shard_indices(len(dataset), ctx.rank, ctx.size)
+    local = evaluate(model, dataset, batch_size, num_workers=num_workers, keep_predictions=keep_predictions,
+                     desc=f"{desc} [rank {ctx.rank}/{ctx.size}: images {shard[0]}-{shard[-1]}]", indices=shard,
+                     allow_empty=True)
+    counts = all_sum([local["num_images"], local["skipped_images"], local["correct1"], local["correct5"]])
+    count, skipped, correct1, correct5 = (int(c) for c in counts)
+    seconds = float(all_gather(np.array([local["seconds"]]))[:, 0].max())
+    if count == 0:
+        raise ValueError("no images were evaluated (all skipped or an empty data set)")
+    result = dict(num_images=count, skipped_images=skipped, top1=100.0 * correct1 / count,
+                  top5=100.0 * correct5 / count, correct1=correct1, correct5=correct5, seconds=seconds,
+                  images_per_second=count / seconds if seconds > 0 else None, num_shards=ctx.size)
+    if keep_predictions:
+        result["predictions"] = _gather_predictions(local["predictions"], dataset)
+    return result
+
+
+def _gather_predictions(preds, dataset):
+    """[(name, label, top-k, probs)] of every rank, in data set order (shards are contiguous)."""
+    index = {name: i for i, name in enumerate(dataset_names(dataset))}
+    k = len(preds[0][2]) if preds else 0
+    k = int(max(all_gather(np.array([k], np.float32))[:, 0]))
+    rows = np.zeros((len(preds), 2 + 2 * k), np.float32)
+    for r, (name, label, top, probs) in enumerate(preds):
+        rows[r, 0], rows[r, 1] = index[name], label
+        rows[r, 2:2 + k], rows[r, 2 + k:] = top, probs
+    table = gather_rows(rows, 2 + 2 * k)
+    names = dataset_names(dataset)
+    return [(names[int(row[0])], int(row[1]), [int(v) for v in row[2:2 + k]], [float(p) for p in row[2 + k:]])
+            for row in table]
+
+
+def dataset_names(dataset):
+    """The name iter_batches gives each sample, by sample index."""
+    if hasattr(dataset, "samples"):  # ImageFolderDataset: path relative to the root
+        return [s[0] for s in dataset.samples]
+    return [f"{dataset.split}/{j}" for j in range(len(dataset))]  # EmbeddedFMNIST
+
+
+def calibration_state(model):
+    """Bits, intervals, biases and bias corrections of the quantized cells, flattened (float32) in a fixed order."""
+    from .quant.convert import quant_cells
+    parts = []
+    for _, cell in quant_cells(model):
+        for op in cell.operands:
+            q = getattr(cell, f"{op}_q")
+            parts += [np.array([q.bits, q.signed], np.float32), cell.get_scale(op).ravel()]
+        if getattr(cell, "has_bias", False):
+            parts.append(cell.bias.asnumpy().ravel())
+        if cell.bias_corr is not None:
+            parts.append(cell.bias_corr.ravel())
+    return np.concatenate(parts).astype(np.float32) if parts else np.zeros(0, np.float32)
+
+
+def sync_calibration(model):
+    """Give every rank rank 0's calibration state; returns the largest absolute difference
+    between this rank's own state and rank 0's (0.0 when they already agreed, or single process)."""
+    from .quant.convert import quant_cells
+    if not _CONTEXT.enabled:
+        return 0.0
+    mine = calibration_state(model)
+    ref = all_gather(mine)[0]
+    diff = float(np.abs(ref - mine).max()) if mine.size else 0.0
+    if diff == 0.0:
+        return diff
+    pos = 0
+    for _, cell in quant_cells(model):
+        for op in cell.operands:
+            bits, signed = int(ref[pos]), bool(ref[pos + 1])
+            pos += 2
+            n = cell.get_scale(op).size
+            cell.set_bits(op, bits, signed)
+            cell.set_scale(op, ref[pos:pos + n])
+            pos += n
+        if getattr(cell, "has_bias", False):
+            pos += int(np.prod(cell.bias.shape))  # follows from the FP bias and the correction
+        if cell.bias_corr is not None:
+            n = cell.bias_corr.size
+            cell.set_bias_correction(ref[pos:pos + n])
+            pos += n
+    print(f"warning: rank {_CONTEXT.rank} calibrated differently from rank 0 (max abs difference {diff:.3g}); "
+          "using rank 0's intervals", file=sys.stderr, flush=True)
+    return diff
