@@ -8,6 +8,11 @@
 # 'embedded' (the Fashion-MNIST copy in assets/) or '' to keep the config's; CKPT may be '' too.
 # The output is also written to outputs/logs/<eval|quant>_<config name>_<timestamp>.log
 # ($EVAL_LOG_DIR / $QUANT_LOG_DIR, else $RUN_LOG_DIR, override the folder; $PYTHON the interpreter).
+#
+# scripts/run_<eval|quant>_distribute_<device>.sh take NUM_WORKERS first and launch ENTRY with
+# msrun on this machine (NUM_WORKERS local workers; $MASTER_PORT, default 8118, the scheduler's
+# port); each worker logs to <log folder>/msrun_<eval|quant>_<config name>_<timestamp>/worker_N.log
+# and rank 0's output is copied to the run's log.
 
 ENTRY=${ENTRY:-eval.py}
 _MSRUN_WORKERS=  # set by run_distribute only

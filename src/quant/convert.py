@@ -11,9 +11,15 @@ from ..models.vit import MatMul
 from ..utils import save_checkpoint_atomic
 from .layers import QUANT_CELLS, QuantConv2d, QuantDense, QuantMatMul, quant_conv_from, quant_dense_from, \
     quant_matmul_from
-from .quantizer import quantize_np, storage_dtype
+from .packing import pack_codes, unpack_codes
+from .quantizer import quantize_np
 
-QCKPT_FORMAT = "vtptq-quantized-v1"
+# v2: weight codes packed at their bit width (`<layer>.weight_packed`, uint8); v1 (still read):
+# int8 up to 8 bits, int16 above (`<layer>.weight_int`).
+QCKPT_FORMAT = "vtptq-quantized-v2"
+QCKPT_FORMAT_V1 = "vtptq-quantized-v1"
+READABLE_FORMATS = (QCKPT_FORMAT, QCKPT_FORMAT_V1)
+PACKING = "code - qmin, little-endian bitstream (src/quant/packing.py)"
 META_KEY = "quant_meta"
 
 # Name suffix -> (FP cell type, config key that switches it, None = always). The paper
@@ -128,38 +134,85 @@ def layer_report(model):
 
 
 def save_quantized_checkpoint(model, path, model_name, extra_meta=None):
-    """Write the quantized model: integer weight codes (int8 up to 8 bits, int16 above) under
-    `<layer>.weight_int`, intervals, every other parameter in float32, and a JSON
-    `quant_meta` entry (format, model name, classes, per-layer bits). Atomic."""
+    """Write the quantized model: the integer weight codes of every quantized layer packed
+    densely at their bit width (src.quant.packing: code - qmin, little-endian bitstream) as a
+    uint8 array `<layer>.weight_packed`, the intervals and every other parameter in float32,
+    and a JSON `quant_meta` entry (format, model name, classes, per-layer bits, and under
+    `packed_weights` each packed weight's shape, bits and signedness). Atomic.
+
+    The file is then about model_size_mb(model) plus the intervals and a few bytes per entry."""
     cells = dict(quant_cells(model))
-    layers, entries, skip = {}, [], set()
+    layers, entries, skip, packed = {}, [], set(), {}
     for name, cell in cells.items():
         layers[name] = {"type": type(cell).__name__,
                         **{op: getattr(cell, f"{op}_q").as_dict() for op in cell.operands}}
         if "w" in cell.operands:
-            codes = quantize_np(cell.weight.asnumpy(), cell.get_scale("w"), cell.w_q.bits, cell.w_q.signed)
-            entries.append({"name": f"{name}.weight_int", "data": Tensor(codes.astype(storage_dtype(cell.w_q.bits)))})
+            bits, signed = cell.w_q.bits, cell.w_q.signed
+            weight = cell.weight.asnumpy()
+            codes = quantize_np(weight, cell.get_scale("w"), bits, signed)
+            entries.append({"name": f"{name}.weight_packed", "data": Tensor(pack_codes(codes, bits, signed))})
+            packed[name] = {"shape": list(weight.shape), "bits": bits, "signed": signed}
             skip.add(f"{name}.weight")
     for pname, p in model.parameters_and_names():
         if pname not in skip:
             entries.append({"name": pname, "data": Tensor(p.asnumpy())})
-    meta = {"format": QCKPT_FORMAT, "model": model_name, "num_classes": int(model.num_classes), "layers": layers}
+    meta = {"format": QCKPT_FORMAT, "model": model_name, "num_classes": int(model.num_classes), "layers": layers,
+            "packing": PACKING, "packed_weights": packed}
     meta.update(extra_meta or {})
-    save_checkpoint_atomic(entries, path, append_dict={META_KEY: json.dumps(meta)})
+    # UTF-8 bytes of compact JSON: MindSpore would store a str entry at 4 bytes per character
+    text = json.dumps(meta, separators=(",", ":")).encode("utf-8")
+    save_checkpoint_atomic(entries, path, append_dict={META_KEY: Tensor(np.frombuffer(text, np.uint8))})
+
+
+def _decode_meta(raw):
+    """quant_meta entry -> dict: UTF-8 bytes in a uint8 tensor (v2) or a string (v1)."""
+    if isinstance(raw, str):
+        return json.loads(raw)
+    value = raw.asnumpy()
+    if value.dtype == np.uint8:
+        return json.loads(value.tobytes().decode("utf-8"))
+    return json.loads(str(value))
 
 
 def read_quant_meta(path):
-    """The `quant_meta` dict of a quantized checkpoint, or None for any other checkpoint."""
+    """(quant_meta dict, raw parameters) of a quantized checkpoint (format v2, or v1 with int8/int16
+    `<layer>.weight_int`), or None for any other checkpoint."""
     if not str(path).endswith(".ckpt"):
         return None
     params = ms.load_checkpoint(path)
     if META_KEY not in params:
         return None
-    raw = params[META_KEY]
-    meta = json.loads(raw if isinstance(raw, str) else str(raw.asnumpy()))
-    if meta.get("format") != QCKPT_FORMAT:
-        raise ValueError(f"{path}: unknown quantized checkpoint format {meta.get('format')!r}; expected {QCKPT_FORMAT}")
+    meta = _decode_meta(params[META_KEY])
+    if meta.get("format") not in READABLE_FORMATS:
+        raise ValueError(f"{path}: unknown quantized checkpoint format {meta.get('format')!r}; expected one of "
+                         f"{', '.join(READABLE_FORMATS)}")
     return meta, params
+
+
+def _weight_codes(path, meta, params, name, cell):
+    """Integer weight codes of layer `name` from a v2 (packed) or v1 (int8/int16) checkpoint,
+    checked against the cell's weight shape; returns (codes, the raw entry's name)."""
+    shape = tuple(cell.weight.shape)
+    if meta["format"] == QCKPT_FORMAT_V1:
+        key = f"{name}.weight_int"
+        if key not in params:
+            raise ValueError(f"{path}: quantized checkpoint has no '{key}'")
+        codes = params[key].asnumpy()
+    else:
+        key = f"{name}.weight_packed"
+        info = meta.get("packed_weights", {}).get(name)
+        if key not in params or info is None:
+            raise ValueError(f"{path}: quantized checkpoint has no packed weight of layer '{name}'")
+        if info["bits"] != cell.w_q.bits or bool(info["signed"]) != cell.w_q.signed:
+            raise ValueError(f"{path}: packed weight of '{name}' has {info['bits']} bits (signed "
+                             f"{info['signed']}), the layer {cell.w_q.bits} (signed {cell.w_q.signed})")
+        try:
+            codes = unpack_codes(params[key].asnumpy(), info["bits"], info["signed"], info["shape"])
+        except ValueError as e:
+            raise ValueError(f"{path}: '{key}': {e}") from None
+    if tuple(codes.shape) != shape:
+        raise ValueError(f"{path}: '{key}' has shape {tuple(codes.shape)}; layer '{name}' expects {shape}")
+    return codes, key
 
 
 def load_quantized_checkpoint(path, model_name=None):
@@ -195,9 +248,9 @@ def load_quantized_checkpoint(path, model_name=None):
             cell.set_scale(op, params[f"{name}.{op}_scale"].asnumpy())
             loaded.add(f"{name}.{op}_scale")
         if "w" in cell.operands:
-            codes = params[f"{name}.weight_int"].asnumpy().astype(np.float32)
-            cell.weight.set_data(Tensor(codes * cell.get_scale("w")))
-            loaded.update({f"{name}.weight_int", f"{name}.weight"})
+            codes, key = _weight_codes(path, meta, params, name, cell)
+            cell.weight.set_data(Tensor(codes.astype(np.float32) * cell.get_scale("w")))
+            loaded.update({key, f"{name}.weight"})
     missing = []
     for pname, p in model.parameters_and_names():
         if pname in loaded:
