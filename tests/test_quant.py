@@ -28,6 +28,7 @@ from src.quant import (calibrate_model, load_quantized_checkpoint, model_size_mb
                        read_quant_meta, save_quantized_checkpoint, set_quant_mode)
 from src.quant import search
 from src.quant.layers import QuantConv2d, QuantDense, QuantMatMul
+from src.quant.packing import unpack_codes
 from src.quant.quantizer import (EPS, check_bits, fake_quant, fake_quant_np, init_scale, percentile_scale, qrange,
                                  quantize_np, storage_dtype)
 
@@ -427,8 +428,7 @@ def test_quantized_checkpoint_contents(w8_saved):
     model, names, path, _ = w8_saved
     raw = ms.load_checkpoint(path)
     meta, _ = read_quant_meta(path)
-    assert meta == json.loads(raw["quant_meta"] if isinstance(raw["quant_meta"], str)
-                              else str(raw["quant_meta"].asnumpy()))
+    assert meta == json.loads(raw["quant_meta"].asnumpy().tobytes().decode("utf-8"))  # UTF-8 JSON bytes
     assert meta["model"] == TINY and sorted(meta["layers"]) == sorted(names)
     cells = dict(quant_cells(model))
     for n in names:
@@ -437,22 +437,24 @@ def test_quantized_checkpoint_contents(w8_saved):
         for op in ops_:
             assert layer[op]["bits"] == 8
         if "matmul" in n:
-            assert f"{n}.weight_int" not in raw
+            assert f"{n}.weight_packed" not in raw
             continue
-        codes = raw[f"{n}.weight_int"]
-        assert codes.dtype == ms.int8 and f"{n}.weight" not in raw
-        np.testing.assert_array_equal(codes.asnumpy(), quantize_np(cells[n].weight.asnumpy(),
-                                                                     cells[n].get_scale("w"), 8))
+        packed = raw[f"{n}.weight_packed"]  # 8-bit codes packed: one byte each (src/quant/packing.py)
+        assert packed.dtype == ms.uint8 and f"{n}.weight" not in raw
+        codes = unpack_codes(packed.asnumpy(), 8, True, cells[n].weight.shape)
+        np.testing.assert_array_equal(codes, quantize_np(cells[n].weight.asnumpy(), cells[n].get_scale("w"), 8))
     assert raw["blocks.0.norm1.gamma"].dtype == ms.float32 and raw["head.bias"].dtype == ms.float32
 
 
-def test_quantized_checkpoint_int16_above_8_bits(w16_saved):
+def test_quantized_checkpoint_16_bits(w16_saved):
     model, x, _, path = w16_saved
     raw = ms.load_checkpoint(path)
-    assert raw["blocks.1.mlp.fc1.weight_int"].dtype == ms.int16
-    assert raw["patch_embed.proj.weight_int"].dtype == ms.int16
-    assert np.abs(raw["blocks.1.mlp.fc1.weight_int"].asnumpy()).max() == 32767  # the 16-bit grid is used
     meta = read_quant_meta(path)[0]
+    fc1, shape = raw["blocks.1.mlp.fc1.weight_packed"], meta["packed_weights"]["blocks.1.mlp.fc1"]["shape"]
+    assert fc1.dtype == ms.uint8 and fc1.shape == (2 * int(np.prod(shape)),)  # two bytes per 16-bit code
+    assert raw["patch_embed.proj.weight_packed"].dtype == ms.uint8
+    codes = unpack_codes(fc1.asnumpy(), 16, True, shape)
+    assert np.abs(codes).max() == 32767  # the 16-bit grid is used
     assert meta["layers"]["blocks.1.mlp.fc1"]["w"]["bits"] == 16 and meta["layers"]["blocks.1.mlp.fc1"]["a"]["bits"] == 16
     assert meta["layers"]["blocks.0.attn.matmul1"]["b"]["bits"] == 16
     loaded, _ = load_quantized_checkpoint(path, TINY)

@@ -76,5 +76,6 @@ def fake_quant(x, scale, qmin, qmax):
 
 
 def storage_dtype(bits):
-    """numpy integer type that stores codes of `bits` bits: int8 up to 8 bits, int16 above."""
+    """numpy integer type that stores codes of `bits` bits: int8 up to 8 bits, int16 above (the
+    layout of quantized checkpoint format v1; v2 packs codes densely, see packing.py)."""
     return np.int8 if bits <= 8 else np.int16
