@@ -38,12 +38,21 @@ def atomic_save_npz(path, **arrays):
             os.remove(tmp)
 
 
+def make_readable(path):
+    """Ordinary permissions (0666 less the umask) for a file that MindSpore saved owner-read-only
+    (0400) or that tempfile created 0600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def save_checkpoint_atomic(obj, path, append_dict=None):
     """mindspore.save_checkpoint to a temporary name, then rename. `obj`: Cell or list of dicts."""
     import mindspore as ms
     tmp = _tmp_name(path) + ".ckpt"
     try:
         ms.save_checkpoint(obj, tmp, append_dict=append_dict)
+        make_readable(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

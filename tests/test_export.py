@@ -396,6 +396,8 @@ def test_export_cli_mindir(tiny_w8, tmp_path, capsys):
     x = images(7, seed=12)
     close(m(Tensor(x)).asnumpy(), logits(model, x, 3))
     assert sorted(os.listdir(out.parent)) == ["tiny.mindir"]
+    for path in (ckpt, out):  # ordinary permissions, not MindSpore's owner-read-only 0400
+        assert os.stat(path).st_mode & 0o600 == 0o600, oct(os.stat(path).st_mode)
 
 
 def test_export_cli_default_output(tiny_w8, tmp_path, capsys):

@@ -18,10 +18,11 @@ then writes `path` (the graph) and `<stem>_variables/`, which must stay side by 
 import json
 import os
 import shutil
-import stat
 import tempfile
 
 import numpy as np
+
+from ..utils import make_readable
 
 MINDIR_FORMAT = "vtptq-mindir-v1"
 USER_INFO_KEY = "vtptq"
@@ -86,18 +87,11 @@ def export_mindir(model, path, batch_size, image_size=None, in_chans=None, model
         else:
             raise RuntimeError(f"mindspore.export wrote none of the expected files in {tmp_dir}: "
                                f"{sorted(os.listdir(tmp_dir))}")
-        _make_readable(produced)
+        make_readable(produced)
         os.replace(produced, path)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return meta
-
-
-def _make_readable(path):
-    """mindspore.export leaves its file owner-read-only (0400); give it ordinary permissions."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, (stat.S_IRUSR | stat.S_IWUSR | stat.S_IRGRP | stat.S_IWGRP | stat.S_IROTH | stat.S_IWOTH) & ~umask)
 
 
 def _parse_proto(data, path):

@@ -26,6 +26,8 @@ import tempfile
 
 import numpy as np
 
+from ..utils import make_readable
+
 OPSET = 21  # LayerNormalization (17), int16 QuantizeLinear / DequantizeLinear (21)
 FORMAT = "vtptq-onnx-v1"
 INPUT, OUTPUT = "input", "logits"
@@ -273,6 +275,7 @@ def _save_atomic(proto, path):
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(proto.SerializeToString())
+        make_readable(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
