@@ -25,35 +25,60 @@ def ranking_loss(scores_fp, scores_q, theta=0.2, pairs=None):
     scores_fp: (n, ..., T) FP scaled scores (rows on the last axis); scores_q: (c, n, ..., T)
     quantized scores (any leading candidate axes). pairs: None for all pairs i<j, or a tuple
     of index arrays (i, j) of the column pairs to use. Returns float64 (c, n)."""
+    if pairs is not None:
+        return _ranking_loss_pairs(scores_fp, scores_q, theta, pairs)
     t = scores_fp.shape[-1]
     lead = scores_q.shape[:scores_q.ndim - scores_fp.ndim]
     n = scores_fp.shape[0]
     fp_rows = scores_fp.reshape(n, -1, t)
     q_rows = scores_q.reshape(lead + (n, -1, t))
     rows = fp_rows.shape[1]
-    num_pairs = t * (t - 1) // 2 if pairs is None else len(pairs[0])
-    width = t * t if pairs is None else num_pairs
     total = np.zeros(lead + (n,), np.float64)
-    step = max(1, ROW_CHUNK_ELEMS // max(1, width * int(np.prod(lead, dtype=np.int64)) * n))
+    step = max(1, ROW_CHUNK_ELEMS // max(1, t * t * int(np.prod(lead, dtype=np.int64)) * n))
     for r in range(0, rows, step):
         a = fp_rows[:, r:r + step]
         q = q_rows[..., r:r + step, :]
-        if pairs is None:
-            # every ordered pair: (i, j) and (j, i) give the same hinge, the diagonal gives θ
-            sign = np.sign(a[..., :, None] - a[..., None, :])
-            d = q[..., :, None] - q[..., None, :]
-        else:
-            ii, jj = pairs
-            sign = a[..., ii] - a[..., jj]
-            np.sign(sign, out=sign)
-            d = q[..., ii] - q[..., jj]
-        d *= sign
+        # every ordered pair: (i, j) and (j, i) give the same hinge, the diagonal gives θ
+        d = q[..., :, None] - q[..., None, :]
+        d *= np.sign(a[..., :, None] - a[..., None, :])
         np.subtract(theta, d, out=d)
         np.maximum(d, 0.0, out=d)
         total += d.reshape(d.shape[:len(lead) + 1] + (-1,)).sum(axis=-1, dtype=np.float64)
-    if pairs is None:
-        total = (total - rows * t * theta) / 2.0
-    return total / (rows * num_pairs)
+    total = (total - rows * t * theta) / 2.0
+    return total / (rows * t * (t - 1) // 2)
+
+
+def _ranking_loss_pairs(scores_fp, scores_q, theta, pairs):
+    """ranking_loss over the given column pairs. Each pair is oriented per row so that its
+    first index has the larger FP score (sign +1), and a tie points both indices at the same
+    column (hinge max(0, θ - 0) = θ, as sign 0 gives); the hinge then needs two gathers from
+    the flat quantized scores and no sign pass."""
+    t = scores_fp.shape[-1]
+    lead = scores_q.shape[:scores_q.ndim - scores_fp.ndim]
+    n = scores_fp.shape[0]
+    fp_rows = scores_fp.reshape(n, -1, t)
+    rows = fp_rows.shape[1]
+    ii, jj = pairs
+    a_i, a_j = fp_rows[..., ii], fp_rows[..., jj]  # (n, rows, P)
+    first = a_i > a_j
+    hi, lo = np.where(first, ii, jj), np.where(first, jj, ii)
+    tie = a_i == a_j
+    lo[tie] = hi[tie]
+    base = (np.arange(n * rows, dtype=np.int64) * t).reshape(n, rows, 1)
+    hi, lo = (hi + base).ravel(), (lo + base).ravel()
+    c = int(np.prod(lead, dtype=np.int64))
+    q = scores_q.reshape(c, n * rows * t)
+    total = np.zeros((c, n), np.float64)
+    per_sample = rows * len(ii)
+    step = max(1, ROW_CHUNK_ELEMS // max(1, c * per_sample))  # samples per chunk
+    for s0 in range(0, n, step):
+        sel = slice(s0 * per_sample, min(n, s0 + step) * per_sample)
+        d = np.take(q, hi[sel], axis=1)
+        d -= np.take(q, lo[sel], axis=1)
+        np.subtract(theta, d, out=d)
+        np.maximum(d, 0.0, out=d)
+        total[:, s0:s0 + step] = d.reshape(c, -1, per_sample).sum(axis=-1, dtype=np.float64)
+    return (total / per_sample).reshape(lead + (n,))
 
 
 def sample_pairs(t, num, seed=0):
