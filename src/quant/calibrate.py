@@ -16,7 +16,7 @@ from mindspore import Tensor
 
 from .convert import quant_cells
 from .quantizer import fake_quant_np, init_scale, percentile_scale
-from .search import LayerProblem, candidate_grid, evaluate_pair, score_candidates
+from .search import LayerProblem, candidate_grid, evaluate_pair, keep_heap_memory, score_candidates
 
 
 # ----------------------------------------------------------------------------- stages
@@ -267,6 +267,7 @@ def calibrate_model(model, images, qcfg, log=sys.stderr):
     """Calibrate every quantized cell of `model` on images (N, C, H, W) with qcfg['method'],
     stage by stage. Leaves the model in quantized mode. Returns {layer: info}."""
     method = get_method(qcfg)
+    keep_heap_memory()
     batch = qcfg["calib_batch_size"]
     use_fp_input = qcfg.get("calib_input", "quantized") == "fp"
     report = {}

@@ -16,7 +16,7 @@ import numpy as np
 
 from .calibrate import AlternatingSearch, register_method
 
-ROW_CHUNK_ELEMS = 1 << 23
+ROW_CHUNK_ELEMS = 1 << 22  # float32 pair differences held at once (16 MB; see search.CHUNK_ELEMS)
 
 
 def ranking_loss(scores_fp, scores_q, theta=0.2, pairs=None):

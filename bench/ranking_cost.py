@@ -1,0 +1,57 @@
+"""Cost of the ranking-aware loss on DeiT-S attention maps: all column pairs against a sample.
+
+The interval search of `attn.matmul1` scores candidates in chunks; for DeiT-S (6 heads, 197
+tokens) with the default 8M-element chunks one call of ranking_loss sees 36 candidates of
+one calibration image. This times one such call with `--pairs` sampled pairs per row and
+with all T(T-1)/2 = 19,306 pairs, in one process, and prints both and their ratio. A search
+of one operand over 100 candidates and 32 images makes 3 x 32 = 96 such calls.
+
+    python bench/ranking_cost.py                 # 256 sampled pairs vs all pairs
+    python bench/ranking_cost.py --pairs 1024 --repeats 3
+"""
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+from src.quant.vtptq import ranking_loss, sample_pairs  # noqa: E402
+
+
+def timed(fn, repeats):
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pairs", type=int, default=256, help="sampled column pairs per row (default 256)")
+    p.add_argument("--candidates", type=int, default=36, help="candidates per call (default 36, DeiT-S)")
+    p.add_argument("--heads", type=int, default=6)
+    p.add_argument("--tokens", type=int, default=197)
+    p.add_argument("--repeats", type=int, default=2, help="timed calls of each; the fastest counts (default 2)")
+    args = p.parse_args(argv)
+    rng = np.random.default_rng(0)
+    t, h, c = args.tokens, args.heads, args.candidates
+    fp = rng.standard_normal((1, h, t, t)).astype(np.float32)
+    q = (fp[None] + 0.05 * rng.standard_normal((c, 1, h, t, t))).astype(np.float32)
+    sampled = sample_pairs(t, args.pairs)
+    all_pairs = t * (t - 1) // 2
+    print(f"ranking_loss, {c} candidates x 1 image x {h} heads x {t} rows, load average {os.getloadavg()[0]:.2f}")
+    s = timed(lambda: ranking_loss(fp, q, pairs=sampled), args.repeats)
+    print(f"  {len(sampled[0])} sampled pairs per row: {s:.3f} s per call", flush=True)
+    a = timed(lambda: ranking_loss(fp, q), args.repeats)
+    print(f"  all {all_pairs} pairs per row:   {a:.3f} s per call")
+    print(f"  all pairs / sampled: {a / s:.1f}x; per operand search (96 calls): {96 * s:.1f} s vs {96 * a:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
