@@ -20,7 +20,6 @@ load average is printed with the figures.
 import argparse
 import collections
 import io
-import json
 import os
 import statistics
 import sys
@@ -34,6 +33,7 @@ import numpy as np  # noqa: E402
 import mindspore as ms  # noqa: E402
 
 from src.config import defaults  # noqa: E402
+from src.utils import atomic_write_json  # noqa: E402
 from src.export.onnx import export_onnx  # noqa: E402
 from src.models import create_model, get_data_config, list_models  # noqa: E402
 from src.models.registry import default_checkpoint  # noqa: E402
@@ -209,10 +209,8 @@ def main(argv=None):
               f"onnxruntime FP32 vs MindSpore FP: max |logit diff| {result['fp32_vs_ms_fp_max_abs_diff']:.3g}")
     print(f"load average at the end: {result['load_average']:.2f}")
     if args.json:
-        d = os.path.dirname(os.path.abspath(args.json))
-        os.makedirs(d, exist_ok=True)
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=2)
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        atomic_write_json(args.json, result)
         print(f"written to {args.json}")
     if tmp is not None:
         tmp.cleanup()

@@ -18,7 +18,6 @@ weights) at batch 32; `--batch-size` overrides both. Run it on an otherwise idle
 """
 import argparse
 import io
-import json
 import os
 import resource
 import statistics
@@ -32,6 +31,7 @@ import numpy as np  # noqa: E402
 import mindspore as ms  # noqa: E402
 
 from src.config import defaults  # noqa: E402
+from src.utils import atomic_write_json  # noqa: E402
 from src.data.build import load_calibration_images  # noqa: E402
 from src.data.fmnist import load_embedded, normalize  # noqa: E402
 from src.models import create_model, get_data_config, list_models  # noqa: E402
@@ -231,10 +231,8 @@ def main(argv=None):
         print()
     print(f"peak resident memory: {result['peak_rss_mb']:.0f} MB (ru_maxrss)")
     if args.json:
-        d = os.path.dirname(os.path.abspath(args.json))
-        os.makedirs(d, exist_ok=True)
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=2)
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        atomic_write_json(args.json, result)
         print(f"written to {args.json}")
     return result
 

@@ -1,8 +1,28 @@
 """Helpers shared by the test files (importable because pytest puts tests/ on sys.path)."""
+import contextlib
 import math
 
 import numpy as np
 from mindspore import Tensor
+
+FMNIST_DATA_CFG = dict(input_size=(1, 28, 28), mean=(0.5,), std=(0.5,), crop_pct=1.0, interpolation="bicubic",
+                       dataset="fmnist")
+
+
+@contextlib.contextmanager
+def registered_vit(name, arch, data_cfg=FMNIST_DATA_CFG):
+    """Register a VisionTransformer with the given architecture under `name` for the block."""
+    from src.models import registry
+
+    def factory(**kw):
+        return registry.VisionTransformer(**{**arch, **kw})
+    factory.__name__ = name
+    registry.register_model(data_cfg)(factory)
+    try:
+        yield name
+    finally:
+        registry._MODELS.pop(name, None)
+        registry._DATA_CFGS.pop(name, None)
 
 
 def randomize(model, seed=0):

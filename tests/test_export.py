@@ -14,14 +14,14 @@ import sys
 
 import numpy as np
 import pytest
-from _helpers import randomize
+from _helpers import registered_vit, randomize
 
 import mindspore as ms
 from mindspore import Tensor, nn
 
 from src.config import defaults
 from src.engine import predict
-from src.models import create_model, registry
+from src.models import create_model
 from src.quant import (calibrate_model, load_quantized_checkpoint, model_size_mb, quant_cells, quantize_model,
                        read_quant_meta, save_quantized_checkpoint)
 from src.quant import convert, packing
@@ -59,14 +59,8 @@ def graph_mode():
 
 @pytest.fixture(scope="module", autouse=True)
 def tiny_registered():
-    def _test_export_tiny_vit(**kw):
-        return registry.VisionTransformer(**{**TINY_CFG, **kw})
-
-    registry.register_model(dict(input_size=(1, 28, 28), mean=(0.5,), std=(0.5,), crop_pct=1.0,
-                                 interpolation="bicubic", dataset="fmnist"))(_test_export_tiny_vit)
-    yield TINY
-    registry._MODELS.pop(TINY, None)
-    registry._DATA_CFGS.pop(TINY, None)
+    with registered_vit(TINY, TINY_CFG):
+        yield TINY
 
 
 def images(n=8, seed=1):

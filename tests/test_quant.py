@@ -13,7 +13,7 @@ import os
 import sys
 
 import numpy as np
-from _helpers import randomize
+from _helpers import registered_vit, randomize
 import pytest
 
 import mindspore as ms
@@ -22,7 +22,7 @@ from mindspore import Tensor
 import src.quant
 from src.config import defaults
 from src.engine import predict
-from src.models import create_model, registry
+from src.models import create_model
 from src.models.weights import load_checkpoint_into
 from src.quant import (calibrate_model, load_quantized_checkpoint, model_size_mb, quant_cells, quantize_model,
                        read_quant_meta, save_quantized_checkpoint, set_quant_mode)
@@ -67,14 +67,8 @@ def pynative():
 
 @pytest.fixture(scope="module", autouse=True)
 def tiny_registered():
-    def _test_quant_tiny_vit(**kw):
-        return registry.VisionTransformer(**{**TINY_CFG, **kw})
-
-    registry.register_model(dict(input_size=(1, 28, 28), mean=(0.5,), std=(0.5,), crop_pct=1.0,
-                                 interpolation="bicubic", dataset="fmnist"))(_test_quant_tiny_vit)
-    yield TINY
-    registry._MODELS.pop(TINY, None)
-    registry._DATA_CFGS.pop(TINY, None)
+    with registered_vit(TINY, TINY_CFG):
+        yield TINY
 
 
 def tiny_fp(seed=0):
