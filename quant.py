@@ -31,7 +31,7 @@ QUANT_KEYS = ["model", "ckpt", "data", "method", "w_bits", "a_bits", "calib_num"
               "calib_split", "calib_batch_size", "calib_input", "percentile", "search_alpha", "search_beta",
               "search_candidates", "search_rounds", "weight_per_channel", "softmax_unsigned", "quantize_head",
               "quantize_patch_embed", "quantize_matmul1", "quantize_matmul2", "max_rounds", "ranking_loss",
-              "ranking_gamma", "ranking_theta", "ranking_pairs", "bias_correction", "mixed_precision", "mp_target",
+              "ranking_gamma", "ranking_theta", "ranking_pairs", "bias_correction", "mixed_precision", "mp_target", "mp_min_bits",
               "skip_bad_images", "crop_pct",
               "interpolation", "num_classes", "drop_head", "seed"]
 EVAL_FIELDS = ("num_images", "skipped_images", "top1", "top5", "seconds", "images_per_second")
@@ -123,7 +123,11 @@ def main(cfg):
         if cfg["method"] != "vtptq":
             raise ConfigError(f"mixed_precision is the paper's (vtptq) bit allocation; method is {cfg['method']!r}")
         from src.quant.mixed_precision import MP_TARGETS
-        cfg["w_bits"] = cfg["a_bits"] = MP_TARGETS[cfg["mp_target"]][0]
+        nominal = MP_TARGETS[cfg["mp_target"]][0]
+        if cfg.get("mp_min_bits") is not None and cfg["mp_min_bits"] > nominal:
+            raise ConfigError(f"mp_min_bits is {cfg['mp_min_bits']}; {cfg['mp_target']} needs candidates at or "
+                              f"below {nominal} bits")
+        cfg["w_bits"] = cfg["a_bits"] = nominal
     cfg["name"] = run_name(cfg)
     data_cfg = get_data_config(cfg["model"])
     dataset = build_eval_dataset(cfg, data_cfg)

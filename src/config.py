@@ -65,6 +65,8 @@ DEFAULTS = {
                                "error under a size target (w_bits / a_bits then come from mp_target)"),
     "mp_target": ("6MP", "mixed-precision target: 4MP (bits 2..6, size of the uniform 4-bit model), "
                          "6MP (4..8, 6-bit size), 8MP (6..10, 8-bit size)"),
+    "mp_min_bits": (None, "mixed precision, beyond the paper: leave out candidate widths below this (e.g. 3 keeps "
+                          "4MP from giving a module 2 bits); None: the target's candidates"),
     "bias_correction": (True, "vtptq: subtract the expected output error per channel from the bias after each round"),
     "fp_result": (None, "reuse this result.json of an FP eval (same model, checkpoint, data) instead of "
                         "evaluating the FP model again"),
@@ -84,11 +86,13 @@ RANGES = {"batch_size": (1, None), "max_images": (1, None), "num_workers": (0, N
           "w_bits": (2, 16), "a_bits": (2, 16), "calib_num": (1, None), "calib_batch_size": (1, None),
           "percentile": (0.0, 100.0), "search_alpha": (0.0, None), "search_beta": (0.0, None),
           "search_candidates": (1, None), "search_rounds": (1, None), "max_rounds": (1, None),
-          "ranking_gamma": (0.0, None), "ranking_theta": (0.0, None), "ranking_pairs": (0, None), "crop_pct": (0.0, None)}
+          "ranking_gamma": (0.0, None), "ranking_theta": (0.0, None), "ranking_pairs": (0, None), "crop_pct": (0.0, None),
+          "mp_min_bits": (2, 16)}
 
 # Keys whose default is None but which hold a given type when set.
 TYPES = {"ckpt": str, "num_classes": int, "name": str, "crop_pct": float, "interpolation": str,
-         "max_images": int, "save_predictions": str, "output": str, "fp_result": str}
+         "max_images": int, "save_predictions": str, "output": str, "fp_result": str,
+         "mp_min_bits": int}
 
 
 class ConfigError(ValueError):

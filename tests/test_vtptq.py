@@ -492,6 +492,20 @@ def test_embedded_mixed_precision_4mp(tmp_path):
     assert 0 <= saved["top1"] <= 100
 
 
+def test_mp_min_bits_drops_low_candidates(tmp_path, capsys):
+    assert mp.candidate_bits(qcfg(mp_target="4MP")) == (4, (2, 3, 4, 5, 6))
+    assert mp.candidate_bits(qcfg(mp_target="4MP", mp_min_bits=3)) == (4, (3, 4, 5, 6))
+    assert mp.candidate_bits(qcfg(mp_target="8MP", mp_min_bits=8)) == (8, (8, 9, 10))
+    with pytest.raises(ValueError, match="no candidate width at or below"):
+        mp.candidate_bits(qcfg(mp_target="4MP", mp_min_bits=5))
+    rc = quant_script.cli(["--method", "vtptq", "--mixed-precision", "--mp-target", "4MP", "--mp-min-bits", "5",
+                           "--output", str(tmp_path / "x")])
+    assert rc == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "mp_min_bits is 5" in lines[0]
+    assert not (tmp_path / "x" / "result.json").exists()
+
+
 def test_mixed_precision_needs_vtptq(tmp_path, capsys):
     rc = quant_script.cli(["--method", "easyquant", "--mixed-precision", "--output", str(tmp_path / "x")])
     assert rc == 2

@@ -101,6 +101,18 @@ def size_units(params, bits, nominal):
     return costs, capacity
 
 
+def candidate_bits(qcfg):
+    """(nominal width, candidate widths) of qcfg's mp_target, without those below mp_min_bits."""
+    nominal, bits = MP_TARGETS[qcfg["mp_target"]]
+    low = qcfg.get("mp_min_bits")
+    if low is not None:
+        bits = tuple(b for b in bits if b >= low)
+        if not bits or bits[0] > nominal:
+            raise ValueError(f"mp_min_bits {low} leaves no candidate width at or below {qcfg['mp_target']}'s "
+                             f"{nominal} bits")
+    return nominal, bits
+
+
 def search_bits(model, images, qcfg, log=sys.stderr):
     """Measure σ and Ω per module and candidate width, and solve the knapsack.
 
@@ -108,7 +120,7 @@ def search_bits(model, images, qcfg, log=sys.stderr):
     params, seconds). The model's intervals are left as found at the chosen widths with FP
     inputs; the caller recalibrates the whole model at the chosen widths."""
     target = qcfg["mp_target"]
-    nominal, bits = MP_TARGETS[target]
+    nominal, bits = candidate_bits(qcfg)
     method = get_method(qcfg)
     modules = model_modules(model)
     batch = qcfg["calib_batch_size"]
