@@ -13,8 +13,8 @@ whose requantization it merges with the next layer's QuantizeLinear) after shift
 activations to uint8 with zero point 128 itself. The codes are those of the fake-quantized
 model, clip(round(x / Δ), qmin, qmax), round half to even on both sides; the sums are exact
 int32 where MindSpore sums floats, so a value lying within float rounding of a rounding
-boundary can get the neighbouring code (logits agree to ~1e-6 for most images, top-1 on
-99.98% of the embedded test split). Operands wider than 8 bits (mixed precision can give
+boundary can get the neighbouring code (tests/test_onnx.py bounds the difference; the
+README gives the embedded test split's top-1 of both). Operands wider than 8 bits (mixed precision can give
 9 or 10) use int16 / uint16 QDQ (opset 21): same codes, but onnxruntime runs that product
 in float32. LayerNorm, softmax, GELU, residuals and an unquantized head stay float.
 
