@@ -19,21 +19,14 @@ import sys
 
 os.environ.setdefault("GLOG_v", "3")  # MindSpore: warnings and errors only from its C++ side
 
-from src.config import DEFAULTS, ConfigError, check_value  # noqa: E402
+from src.config import DEFAULTS, ArgumentParser, ConfigError, check_value  # noqa: E402
 
 FORMATS = ("mindir", "onnx")
 SUFFIX = {"mindir": ".mindir", "onnx": ".onnx"}
 
 
-class _Parser(argparse.ArgumentParser):
-    """A bad flag is one 'error: ...' line and exit status 2 from cli(), as in quant.py."""
-
-    def error(self, message):
-        raise ConfigError(message)
-
-
 def build_parser():
-    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="quantized checkpoint written by quant.py (quantized.ckpt)")
     p.add_argument("--format", required=True, choices=FORMATS, help="output format")
     p.add_argument("--output", help="output file (default: next to the checkpoint, <stem>.mindir / <stem>.onnx)")
@@ -69,12 +62,11 @@ def main(args):
         raise ConfigError(f"--output {out} is the checkpoint itself")
 
     from src.engine import setup_context
+    from src.utils import check_writable_file
+    check_writable_file(out, "--output")
     from src.quant.convert import load_quantized_checkpoint, model_size_mb, read_quant_meta
     setup_context(args.device_target, "graph")
-    try:
-        found = read_quant_meta(ckpt)
-    except RuntimeError as e:  # MindSpore cannot parse the file at all
-        raise ValueError(f"{ckpt}: not a MindSpore checkpoint ({str(e).strip().splitlines()[0]})") from None
+    found = read_quant_meta(ckpt)  # a file MindSpore cannot parse, or a bad quant_meta: one-line errors
     if found is None:
         raise ValueError(f"{ckpt}: not a quantized checkpoint; run quant.py first")
     model, meta = load_quantized_checkpoint(ckpt)

@@ -24,7 +24,8 @@ import time
 
 os.environ.setdefault("GLOG_v", "3")  # MindSpore: warnings and errors only from its C++ side
 
-from src.config import ConfigError, add_arguments, defaults, output_dir, resolve, save_config  # noqa: E402
+from src.config import (ArgumentParser, ConfigError, add_arguments, check_config, defaults, output_dir,  # noqa: E402
+                        resolve, save_config)
 
 QUANT_KEYS = ["model", "ckpt", "data", "method", "w_bits", "a_bits", "calib_num", "calib_seed", "output",
               "device_target", "fp_result", "mode", "batch_size", "split", "name", "num_workers", "max_images",
@@ -38,16 +39,8 @@ EVAL_FIELDS = ("num_images", "skipped_images", "top1", "top5", "seconds", "image
 SUITE_BITS = (8, 4)
 
 
-class _Parser(argparse.ArgumentParser):
-    """A bad flag (unknown choice, wrong type, unknown flag) is reported like a bad value: one
-    'error: ...' line on stderr and exit status 2 from cli(), not argparse's usage + SystemExit."""
-
-    def error(self, message):
-        raise ConfigError(message)
-
-
 def build_parser():
-    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML file of config keys (see src/config.py); flags override it")
     add_arguments(p, QUANT_KEYS)
     return p
@@ -104,15 +97,13 @@ def fp_reference(cfg, dataset, model_fn):
 
 def main(cfg):
     """Quantize per the resolved config dict; returns the result dict (also OUTPUT/result.json)."""
-    from src.data.build import build_eval_dataset, data_description, load_calibration_images
-    from src.distributed import evaluate_sharded, init_distributed, shard_indices, sync_calibration
-    from src.engine import build_model, resolve_checkpoint, setup_context
+    from src.data.build import build_eval_dataset, load_calibration_images
+    from src.distributed import init_distributed, shard_indices
+    from src.engine import quantized_checkpoint_model, setup_context
     from src.models import get_data_config
-    from src.quant import (calibrate_model, layer_report, model_size_mb, quantize_model,
-                           save_quantized_checkpoint)
-    from src.utils import atomic_write_json
-    from src.engine import quantized_checkpoint_model
+    from src.utils import RunOutput
 
+    check_config(cfg)  # also for configs built in code (run_embedded_suite, benchmarks)
     # quant.py needs full-precision weights: a quantized checkpoint is an error (naming both
     # models when another model was given), before anything is built or written
     qmodel = quantized_checkpoint_model(cfg)
@@ -129,15 +120,28 @@ def main(cfg):
                               f"below {nominal} bits")
         cfg["w_bits"] = cfg["a_bits"] = nominal
     cfg["name"] = run_name(cfg)
+    setup_context(cfg["device_target"], cfg["mode"], cfg["seed"])  # an unavailable device: an error now
+    dist = init_distributed(cfg["device_target"])  # msrun workers: rank, size; else a group of one
     data_cfg = get_data_config(cfg["model"])
     dataset = build_eval_dataset(cfg, data_cfg)
-    calib_images = load_calibration_images(cfg, data_cfg)
-    setup_context(cfg["device_target"], cfg["mode"], cfg["seed"])
-    dist = init_distributed(cfg["device_target"])  # msrun workers: rank, size; else a group of one
     shard_indices(len(dataset), dist.rank, dist.size)  # more workers than images: an error now
-    out = output_dir(cfg, "quant")
+    # the run is written into a new folder beside OUTPUT and swapped in when it ends well
+    # (rank 0 only); a failure leaves OUTPUT as it was (src.utils.RunOutput)
+    with RunOutput(output_dir(cfg, "quant"), enabled=dist.is_main) as out:
+        calib_images = load_calibration_images(cfg, data_cfg)
+        return _quantize(cfg, dataset, calib_images, dist, out)
+
+
+def _quantize(cfg, dataset, calib_images, dist, out):
+    """The work of main() once everything is checked: FP reference, calibration, checkpoint,
+    quantized evaluation; files go to `out` (a RunOutput)."""
+    from src.distributed import evaluate_sharded, sync_calibration
+    from src.data.build import data_description
+    from src.engine import build_model, resolve_checkpoint
+    from src.quant import calibrate_model, layer_report, model_size_mb, quantize_model, save_quantized_checkpoint
+    from src.utils import atomic_write_json
     if dist.is_main:
-        save_config(cfg, os.path.join(out, "config.yaml"))
+        save_config(cfg, out.path("config.yaml"))
     workers = f", {dist.size} workers (this is rank {dist.rank})" if dist.enabled else ""
     print(f"{cfg['name']}: {cfg['model']} {cfg['method']} W{cfg['w_bits']}A{cfg['a_bits']}, "
           f"{len(calib_images)} calibration images, {len(dataset)} evaluation images{workers}", flush=True)
@@ -154,9 +158,9 @@ def main(cfg):
     sync_diff = sync_calibration(model)  # every rank evaluates rank 0's calibration
     calib_seconds = time.time() - t0
     print(f"calibrated in {calib_seconds:.1f}s", flush=True)
-    ckpt_path = os.path.join(out, "quantized.ckpt")
+    ckpt_path = out.final_path("quantized.ckpt")
     if dist.is_main:
-        save_quantized_checkpoint(model, ckpt_path, cfg["model"], extra_meta={
+        save_quantized_checkpoint(model, out.path("quantized.ckpt"), cfg["model"], extra_meta={
             "method": cfg["method"], "w_bits": cfg["w_bits"], "a_bits": cfg["a_bits"]})
     res = evaluate_sharded(model, dataset, cfg["batch_size"], num_workers=cfg["num_workers"], desc="quantized eval")
     layers = layer_report(model)
@@ -174,10 +178,10 @@ def main(cfg):
         result.update(num_shards=dist.size, calibration_rank_max_diff=sync_diff)
     if not dist.is_main:  # rank 0 writes the files
         return result
-    atomic_write_json(os.path.join(out, "result.json"), result)
+    atomic_write_json(out.path("result.json"), result)
     print(f"{cfg['method']} W{cfg['w_bits']}A{cfg['a_bits']}: top-1 {result['top1']:.2f}% "
-          f"(FP {fp['top1']:.2f}%), {result['model_size_mb']:.2f} MB (FP {fp_size:.2f} MB) -> {out}/result.json",
-          flush=True)
+          f"(FP {fp['top1']:.2f}%), {result['model_size_mb']:.2f} MB (FP {fp_size:.2f} MB) -> "
+          f"{out.final_path('result.json')}", flush=True)
     return result
 
 

@@ -5,11 +5,12 @@ the YAML that is not in DEFAULTS is an error, as is a value of the wrong type. T
 configuration is written next to the results of every run (`config.yaml`).
 """
 import argparse
+import math
 import os
 
 import yaml
 
-from .utils import atomic_write_text
+from .utils import atomic_write_text, short_repr
 
 # Every key, its default and what it means. Flags are the keys with '-' for '_'.
 DEFAULTS = {
@@ -86,8 +87,14 @@ RANGES = {"batch_size": (1, None), "max_images": (1, None), "num_workers": (0, N
           "w_bits": (2, 16), "a_bits": (2, 16), "calib_num": (1, None), "calib_batch_size": (1, None),
           "percentile": (0.0, 100.0), "search_alpha": (0.0, None), "search_beta": (0.0, None),
           "search_candidates": (1, None), "search_rounds": (1, None), "max_rounds": (1, None),
-          "ranking_gamma": (0.0, None), "ranking_theta": (0.0, None), "ranking_pairs": (0, None), "crop_pct": (0.0, None),
+          "ranking_gamma": (0.0, None), "ranking_theta": (0.0, None), "ranking_pairs": (0, None), "crop_pct": (0.1, 2.0),
           "mp_min_bits": (2, 16)}
+
+# Keys whose lower bound is excluded (a value must be above it).
+OPEN_LOW = {"percentile", "search_alpha"}
+
+# Largest YAML config file read (a config is a few hundred bytes).
+MAX_CONFIG_BYTES = 1 << 20
 
 # Keys whose default is None but which hold a given type when set.
 TYPES = {"ckpt": str, "num_classes": int, "name": str, "crop_pct": float, "interpolation": str,
@@ -111,41 +118,80 @@ def _expected_type(key):
 
 
 def check_value(key, value, source):
-    """Type and choice check of one value; ints are accepted where floats are expected."""
+    """Type, finiteness, choice and range check of one value; ints are accepted where floats
+    are expected. Messages are one line (a long value is shortened)."""
     if key not in DEFAULTS:
-        raise ConfigError(f"{source}: unknown key '{key}' (known keys: {', '.join(sorted(DEFAULTS))})")
+        raise ConfigError(f"{source}: unknown key {short_repr(key)} (known keys: {', '.join(sorted(DEFAULTS))})")
     if value is None:
         return value
     typ = _expected_type(key)
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if typ is not None and not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
-        raise ConfigError(f"{source}: key '{key}' expects {typ.__name__}, got {value!r}")
+        raise ConfigError(f"{source}: key '{key}' expects {typ.__name__}, got {short_repr(value)}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{source}: key '{key}' is {value!r}; expected a finite number")
     if key in CHOICES and value not in CHOICES[key]:
         allowed = ", ".join(str(c) for c in CHOICES[key] if c is not None)
-        raise ConfigError(f"{source}: key '{key}' is {value!r}; expected one of {allowed}")
+        raise ConfigError(f"{source}: key '{key}' is {short_repr(value)}; expected one of {allowed}")
     if key in RANGES:
         low, high = RANGES[key]
-        if (low is not None and value < low) or (high is not None and value > high):
-            bounds = f"from {low} to {high}" if high is not None else f">= {low}"
+        open_low = key in OPEN_LOW
+        if (low is not None and (value <= low if open_low else value < low)) or (high is not None and value > high):
+            first = f"> {low}" if open_low else f">= {low}"
+            bounds = (f"{first} and <= {high}" if open_low else f"from {low} to {high}") if high is not None else first
             raise ConfigError(f"{source}: key '{key}' is {value!r}; expected a value {bounds}")
     return value
+
+
+def check_config(cfg):
+    """Checks that involve several keys, run on the resolved config before any work."""
+    if cfg.get("search_alpha") is not None and cfg.get("search_beta") is not None \
+            and not cfg["search_alpha"] < cfg["search_beta"]:
+        raise ConfigError(f"search_alpha ({cfg['search_alpha']}) must be below search_beta ({cfg['search_beta']}): "
+                          "the candidates span [search_alpha, search_beta] times the max-based interval")
+    return cfg
+
+
+class _NoAliases(yaml.SafeLoader):
+    """safe_load without anchors and aliases: a flat config never needs them, and a few
+    hundred bytes of nested aliases expand to gigabytes (a 'billion laughs')."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise yaml.YAMLError(f"aliases (*name) are not allowed, line {mark.line + 1}")
+        return super().compose_node(parent, index)
 
 
 def load_yaml(path):
     """Read a flat YAML mapping and check every key against DEFAULTS."""
     if not os.path.isfile(path):
         raise ConfigError(f"{path}: config file not found")
-    with open(path, encoding="utf-8") as f:
-        try:
-            data = yaml.safe_load(f)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    size = os.path.getsize(path)
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: {size} bytes; a config file is a flat mapping of at most {MAX_CONFIG_BYTES} bytes")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.load(f, Loader=_NoAliases)  # noqa: S506 - a SafeLoader without aliases
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({short_repr(str(e).strip().splitlines()[0], 200)})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a flat mapping of keys to values, got {type(data).__name__}")
     return {k: check_value(k, v, path) for k, v in data.items()}
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """A bad flag (unknown flag, wrong type, unknown choice) is reported like a bad value: a
+    ConfigError, printed by run_cli as one 'error: ...' line with exit status 2, instead of
+    argparse's usage text and SystemExit."""
+
+    def error(self, message):
+        raise ConfigError(message)
 
 
 def add_arguments(parser, keys):
@@ -178,14 +224,13 @@ def resolve(args):
             cfg[key] = check_value(key, value, "--" + key.replace("_", "-"))
             given.add(key)
     cfg["given_keys"] = sorted(given)  # keys set by the YAML or a flag (not saved with the config)
-    return cfg
+    return check_config(cfg)
 
 
 def output_dir(cfg, kind):
-    """The run's output folder: cfg['output'] or outputs/<name or model_kind>/ (created)."""
-    out = cfg.get("output") or os.path.join("outputs", cfg.get("name") or f"{cfg['model']}_{kind}")
-    os.makedirs(out, exist_ok=True)
-    return out
+    """The run's output folder: cfg['output'] or outputs/<name or model_kind>/ (not created:
+    src.utils.RunOutput writes the run beside it and swaps it in at the end)."""
+    return cfg.get("output") or os.path.join("outputs", cfg.get("name") or f"{cfg['model']}_{kind}")
 
 
 def save_config(cfg, path):

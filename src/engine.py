@@ -11,7 +11,13 @@ from .utils import Progress, atomic_write_text
 
 
 def setup_context(device_target="CPU", mode="graph", seed=0):
-    """Set MindSpore's device and execution mode ('graph' or 'pynative') and the global seed."""
+    """Set MindSpore's device and execution mode ('graph' or 'pynative') and the global seed.
+    A device this MindSpore build or machine cannot use is a one-line UserError."""
+    from .utils import UserError
+    if not ms.hal.is_available(device_target):
+        have = [d for d in ("CPU", "GPU", "Ascend") if d != device_target and ms.hal.is_available(d)]
+        raise UserError(f"device_target {device_target} is not available on this machine with MindSpore "
+                        f"{ms.__version__} (available: {', '.join(have) or 'none'})")
     try:
         ms.set_device(device_target)
     except RuntimeError:  # MindSpore refuses once a kernel has run; fine if it is the same device

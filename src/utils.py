@@ -1,27 +1,52 @@
-"""Small helpers shared by the entry points: atomic file writes, progress display."""
+"""Small helpers shared by the entry points: atomic file writes, run output folders, progress
+display, and the command-line wrapper that turns errors and signals into one line."""
+import contextlib
 import json
 import os
+import shutil
+import signal
 import sys
+import tempfile
 import time
 
 import numpy as np
 
 
-def _tmp_name(path):
+# ----------------------------------------------------------------------------- temporaries
+# Every temporary is created by tempfile in the destination's folder: an unpredictable name,
+# O_CREAT | O_EXCL (a file or link planted under a guessed name is never opened, let alone
+# followed), mode 0600; the finished file is renamed onto the destination, and os.replace
+# replaces a link there rather than writing through it.
+
+def _split(path):
     d, base = os.path.split(os.path.abspath(path))
-    return os.path.join(d, f".{base}.tmp{os.getpid()}")
+    return d, base
+
+
+@contextlib.contextmanager
+def _temp_file(path):
+    """Yields (fd, tmp) of a new private file beside `path`; on success it is given ordinary
+    permissions and renamed onto `path`; on any error (or interrupt) it is removed."""
+    d, base = _split(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=d)
+    try:
+        yield fd, tmp
+        make_readable(tmp)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+
+
+def atomic_write_bytes(path, data):
+    """Write `data` to a private temporary file beside `path`, then rename it onto `path`."""
+    with _temp_file(path) as (fd, _):
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
 
 
 def atomic_write_text(path, text):
-    """Write `text` to a temporary name in the same folder, then rename onto `path`."""
-    tmp = _tmp_name(path)
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def atomic_write_json(path, obj):
@@ -29,36 +54,194 @@ def atomic_write_json(path, obj):
 
 
 def atomic_save_npz(path, **arrays):
-    tmp = _tmp_name(path) + ".npz"
+    with _temp_file(path) as (fd, _):
+        with os.fdopen(fd, "wb") as f:
+            np.savez_compressed(f, **arrays)
+
+
+@contextlib.contextmanager
+def atomic_output(path):
+    """For writers that take a file name (MindSpore, matplotlib): yields a name inside a new
+    private (0700) folder beside `path`; the file written there is renamed onto `path`, and
+    the folder is removed whatever happens."""
+    d, base = _split(path)
+    tmp_dir = tempfile.mkdtemp(prefix=f".{base}.", suffix=".tmp", dir=d)
     try:
-        np.savez_compressed(tmp, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def make_readable(path):
-    """Ordinary permissions (0666 less the umask) for a file that MindSpore saved owner-read-only
-    (0400) or that tempfile created 0600."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
-def save_checkpoint_atomic(obj, path, append_dict=None):
-    """mindspore.save_checkpoint to a temporary name, then rename. `obj`: Cell or list of dicts."""
-    import mindspore as ms
-    tmp = _tmp_name(path) + ".ckpt"
-    try:
-        ms.save_checkpoint(obj, tmp, append_dict=append_dict)
+        tmp = os.path.join(tmp_dir, base)
+        yield tmp
+        if not os.path.isfile(tmp):
+            raise OSError(f"{path}: the writer produced no file")
         make_readable(tmp)
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
+def make_readable(path, folder=False):
+    """Ordinary permissions (0666, or 0777 for a folder, less the umask) for a file that
+    MindSpore saved owner-read-only (0400) or that tempfile created 0600 / 0700."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if folder else 0o666) & ~umask)
+
+
+@contextlib.contextmanager
+def quiet_mindspore_log():
+    """Silence MindSpore's Python logger for a call whose failure is reported as one line
+    (save_checkpoint logs a CRITICAL line naming the temporary file before it raises)."""
+    from mindspore import log
+    logger = log._get_logger()  # pylint: disable=protected-access
+    before = logger.disabled
+    logger.disabled = True
+    try:
+        yield
+    finally:
+        logger.disabled = before
+
+
+def save_checkpoint_atomic(obj, path, append_dict=None):
+    """mindspore.save_checkpoint to a private temporary name, then rename. `obj`: Cell or list
+    of dicts. A failed write (a full disk, say) becomes an OSError that names `path`."""
+    import mindspore as ms
+    with atomic_output(path) as tmp:
+        try:
+            with quiet_mindspore_log():
+                ms.save_checkpoint(obj, tmp, append_dict=append_dict)
+        except (OSError, RuntimeError) as e:
+            reason = getattr(e, "strerror", None) or first_line(e)
+            raise OSError(getattr(e, "errno", None), f"cannot write the checkpoint ({reason})", path) from None
+
+
+# ----------------------------------------------------------------------------- run folders
+class RunOutput:
+    """The output folder of one run, written as a unit so that it always describes one run.
+
+    Everything goes into a new private folder beside DIR (`path(name)`); when the run ends
+    well, `commit` swaps it in for DIR (an earlier run's DIR is removed). When the run fails,
+    DIR is left as it was; if the run had already written a quantized checkpoint or a result,
+    the folder is kept as `DIR.failed/` and the error says so; otherwise it is removed.
+
+    An existing DIR is replaced only if it is empty or holds an earlier run (config.yaml or
+    result.json), so a mistyped --output never deletes unrelated files. `enabled=False`
+    (msrun workers other than rank 0): nothing is created or written."""
+
+    KEEP = ("quantized.ckpt", "result.json")
+    RUN_MARKERS = ("config.yaml", "result.json")
+
+    def __init__(self, final, enabled=True):
+        self.final = os.path.abspath(final)
+        self.given = final
+        self.enabled = enabled
+        self.staging = None
+
+    def __enter__(self):
+        if not self.enabled:
+            return self
+        final = self.final
+        if os.path.lexists(final) and not os.path.isdir(final):
+            raise UserError(f"--output {self.given}: exists and is not a folder")
+        if os.path.isdir(final):
+            entries = os.listdir(final)
+            if entries and not any(m in entries for m in self.RUN_MARKERS):
+                raise UserError(f"--output {self.given}: folder holds files of no earlier run ({', '.join(sorted(entries)[:3])}"
+                                f"{', ...' if len(entries) > 3 else ''}); give a new or empty folder")
+        parent = os.path.dirname(final)
+        try:
+            os.makedirs(parent, exist_ok=True)
+            self.staging = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.", suffix=".tmp", dir=parent)
+        except OSError as e:
+            raise OSError(e.errno, f"cannot create the run's folder in {parent} ({e.strerror})", self.given) from None
+        return self
+
+    def path(self, name):
+        """Where to write the run's file `name` now."""
+        return os.path.join(self.staging if self.staging else self.final, name)
+
+    def final_path(self, name):
+        """Where the run's file `name` will be once the run has ended well."""
+        return os.path.join(self.final, name)
+
+    def redirect(self, path):
+        """A path the user gave (--save-predictions): inside DIR, its place in the new folder."""
+        if not path or not self.staging:
+            return path
+        full = os.path.abspath(path)
+        rel = os.path.relpath(full, self.final)
+        if rel == os.curdir or rel.startswith(os.pardir + os.sep) or rel == os.pardir:
+            return path
+        target = os.path.join(self.staging, rel)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        return target
+
+    def commit(self):
+        make_readable(self.staging, folder=True)
+        parent = os.path.dirname(self.final)
+        if os.path.lexists(self.final):
+            trash = tempfile.mkdtemp(prefix=f".{os.path.basename(self.final)}.", suffix=".tmp", dir=parent)
+            try:
+                os.rename(self.final, os.path.join(trash, "old"))
+                os.rename(self.staging, self.final)
+            finally:
+                shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.rename(self.staging, self.final)
+        self.staging = None
+
+    def __exit__(self, exc_type, exc, tb):
+        if not self.enabled or self.staging is None:
+            return False
+        try:
+            if exc_type is None:
+                self.commit()
+                return False
+            if isinstance(exc, OSError):  # name the file the user asked for, not its temporary place
+                for attr in ("filename", "filename2"):
+                    name = getattr(exc, attr)
+                    if isinstance(name, str) and name.startswith(self.staging + os.sep):
+                        setattr(exc, attr, self.final + name[len(self.staging):])
+            kept = [n for n in self.KEEP if os.path.isfile(os.path.join(self.staging, n))]
+            if kept:
+                failed = self.final + ".failed"
+                _remove(failed)
+                make_readable(self.staging, folder=True)
+                os.rename(self.staging, failed)
+                self.staging = None
+                if hasattr(exc, "add_note"):
+                    exc.add_note(f"{' and '.join(kept)} of this run kept in {failed}/")
+        finally:
+            if self.staging is not None:
+                shutil.rmtree(self.staging, ignore_errors=True)
+                self.staging = None
+        return False
+
+
+def _remove(path):
+    """Remove a file, link or folder tree at `path` (a link is removed, never followed)."""
+    if os.path.islink(path) or os.path.isfile(path):
+        os.remove(path)
+    elif os.path.isdir(path):
+        shutil.rmtree(path)
+
+
+def check_writable_file(path, what):
+    """Fail now (before any work) if the file `path` could not be written later: its folder
+    must exist or be creatable and writable, and the path must not be a folder."""
+    if not path:
+        return
+    full = os.path.abspath(path)
+    if os.path.isdir(full):
+        raise UserError(f"{what} {path}: is a folder; expected a file name")
+    d = os.path.dirname(full)
+    probe = d
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise UserError(f"{what} {path}: {probe} is not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"{what} {path}: folder {probe} is not writable")
+
+
+# ----------------------------------------------------------------------------- progress
 class Progress:
     """A one-line progress display with rate and ETA, printed to stderr at most every `every` s."""
 
@@ -88,20 +271,91 @@ class Progress:
         return time.time() - self.start
 
 
+# ----------------------------------------------------------------------------- command line
 class UserError(Exception):
     """An error in how a run was set up or launched (not a bug): run_cli prints it on one line."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived."""
+
+
+EXIT_USAGE, EXIT_OS, EXIT_INTERRUPTED = 2, 1, 130
+
+
+def first_line(e, limit=300):
+    """The first line of an exception's text (or its type), at most `limit` characters."""
+    text = str(e).strip()
+    line = text.splitlines()[0] if text else type(e).__name__
+    return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
+def short_repr(value, limit=60):
+    """repr of a value for an error message: one line, at most `limit` characters."""
+    text = repr(value).replace("\n", " ")
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _on_signal(signum, frame):
+    raise Interrupted(signal.Signals(signum).name)
+
+
+def install_signal_handlers():
+    """Ctrl-C (SIGINT) and SIGTERM raise Interrupted, so that `finally` blocks remove
+    temporaries and run_cli exits 130 with one line. Installed after MindSpore is imported
+    (it installs its own SIGINT handler), and also when SIGINT was ignored at start (a
+    background job of a script). MindSpore's runtime turns a Ctrl-C that lands inside an
+    operation into a SIGTERM to the process; that is why SIGTERM is handled the same way."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _on_signal)
+
+
+def _message(e):
+    notes = getattr(e, "__notes__", None)
+    return first_line(e) + (f" ({'; '.join(notes)})" if notes else "")
+
+
+def _os_message(e):
+    """'PATH: reason' for an OSError, whichever way it was raised."""
+    if e.filename is not None and e.strerror:
+        name = e.filename if e.filename2 is None else f"{e.filename} -> {e.filename2}"
+        return f"{name}: {e.strerror}"
+    return first_line(e)
+
+
 def run_cli(fn, *args):
-    """Run an entry point's work; a user error (bad config, value, file) becomes one line
-    `error: ...` on stderr and exit code 2 (VTPTQ_DEBUG=1 shows the traceback)."""
+    """Run an entry point's work with one-line errors (VTPTQ_DEBUG=1 shows the traceback):
+    - a user error (bad config, value, file, device): `error: ...`, exit 2;
+    - a file-system error: `error: PATH: reason`, exit 1;
+    - out of memory: `error: out of memory ...`, exit 1;
+    - Ctrl-C / SIGTERM: `interrupted`, exit 130.
+    Temporaries are removed on the way out by the writers' own `finally` blocks."""
     import traceback
     from .config import ConfigError
+    import mindspore  # noqa: F401 - imported first: it installs a SIGINT handler of its own
+    install_signal_handlers()
+    debug = bool(os.environ.get("VTPTQ_DEBUG"))
     try:
         fn(*args)
         return 0
-    except (ConfigError, UserError, ValueError, FileNotFoundError, ImportError) as e:
-        if os.environ.get("VTPTQ_DEBUG"):
+    except KeyboardInterrupt as e:
+        notes = getattr(e, "__notes__", None)
+        print("interrupted" + (f" ({'; '.join(notes)})" if notes else ""), file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+    except (ConfigError, UserError, ValueError, ImportError) as e:
+        if debug:
             traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        print(f"error: {_message(e)}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as e:  # FileNotFoundError is a user error of the same kind as a bad value
+        if debug:
+            traceback.print_exc()
+        notes = getattr(e, "__notes__", None)
+        print(f"error: {_os_message(e)}" + (f" ({'; '.join(notes)})" if notes else ""), file=sys.stderr)
+        return EXIT_USAGE if isinstance(e, FileNotFoundError) else EXIT_OS
+    except MemoryError as e:
+        if debug:
+            traceback.print_exc()
+        print(f"error: out of memory ({first_line(e)}); try a smaller --batch-size or --calib-batch-size",
+              file=sys.stderr)
+        return EXIT_OS

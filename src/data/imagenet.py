@@ -30,6 +30,17 @@ IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
 DEFAULT_INPUT_SIZE = (3, 224, 224)
+# Bounds on the work of one image, so that a small hostile file cannot ask for gigabytes: the
+# decoded size (PIL reads it from the header before decoding) and the size after the resize
+# (a 30000x1 image resized to a shorter side of 256 would be 7.7 million pixels wide).
+MAX_IMAGE_PIXELS = 100_000_000  # 100 megapixels: larger than any camera image in ImageNet
+MAX_RESIZED_PIXELS = 1 << 25  # 33.5 megapixels (100 MB as RGB uint8); 224 DeiT: about 0.09
+
+
+class ImageSizeError(ValueError):
+    """An image whose decoded or resized size exceeds the bounds above."""
+
+
 INTERPOLATIONS = {
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,
@@ -121,6 +132,9 @@ class EvalTransform:
             new_w, new_h = int(s * w / h), s
         if (new_w, new_h) == (w, h):
             return img
+        if new_w * new_h > MAX_RESIZED_PIXELS:
+            raise ImageSizeError(f"{w}x{h} pixels would be resized to {new_w}x{new_h}, over the bound of "
+                                 f"{MAX_RESIZED_PIXELS} pixels (an extreme aspect ratio or crop_pct)")
         return img.resize((new_w, new_h), INTERPOLATIONS[self.interpolation])
 
     def center_crop(self, arr):
@@ -177,6 +191,9 @@ def _read_image(path):
     """Open and fully decode an image file -> RGB PIL image, or raise BadImageError."""
     try:
         with Image.open(path) as img:
+            w, h = img.size  # from the header, before decoding
+            if w * h > MAX_IMAGE_PIXELS:
+                raise ImageSizeError(f"{w}x{h} pixels, over the bound of {MAX_IMAGE_PIXELS} decoded pixels")
             img.load()  # decodes now, so truncated data fails here; the pixels stay after close
             return to_rgb(img)
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for broken files
@@ -238,8 +255,12 @@ class ImageFolderDataset:
 
     def load(self, i):
         """Sample i -> (float32 image (C, H, W), int label). Raises BadImageError for a broken file."""
-        img = _read_image(self.path(i))
-        return self.transform(img), int(self.samples[i][1])
+        path = self.path(i)
+        img = _read_image(path)
+        try:
+            return self.transform(img), int(self.samples[i][1])
+        except (ImageSizeError, MemoryError) as e:
+            raise BadImageError(path, f"{type(e).__name__}: {e}") from None
 
     def _check_indices(self, indices):
         if indices is None:

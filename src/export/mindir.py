@@ -50,7 +50,9 @@ def export_mindir(model, path, batch_size, image_size=None, in_chans=None, model
     Written atomically: exported into a temporary folder next to `path`, then renamed; on an
     error nothing is left behind. Returns the metadata dict stored in the file."""
     import mindspore as ms
+    from ..quant.convert import check_calibrated, quant_cells
     path = _check_path(path)
+    check_calibrated(quant_cells(model))  # a quantizer off or never calibrated: refused, nothing written
     batch_size = int(batch_size)
     if batch_size < 1:
         raise ValueError(f"batch size is {batch_size}; expected >= 1")

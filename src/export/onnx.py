@@ -22,11 +22,10 @@ Importing this module does not import onnx or onnxruntime; each function imports
 """
 import json
 import os
-import tempfile
 
 import numpy as np
 
-from ..utils import make_readable
+from ..utils import atomic_write_bytes
 
 OPSET = 21  # LayerNormalization (17), int16 QuantizeLinear / DequantizeLinear (21)
 FORMAT = "vtptq-onnx-v1"
@@ -34,18 +33,6 @@ INPUT, OUTPUT = "input", "logits"
 
 
 # ----------------------------------------------------------------------------- checks
-def _check_calibrated(qcells):
-    """A one-line ValueError for a quantized cell that is switched off or never calibrated."""
-    for name, cell in qcells:
-        for op in cell.operands:
-            if not getattr(cell, f"{op}_on"):
-                raise ValueError(f"{name}: quantizer '{op}' is off; export a model in quantized mode "
-                                 f"(src.quant.set_quant_mode(model, 'quantized'))")
-            if np.all(cell.get_scale(op) == 1.0):
-                raise ValueError(f"{name}: interval '{op}_scale' is still its initial 1.0 (not calibrated); "
-                                 f"calibrate the model (quant.py) before exporting")
-
-
 def _layer_bits(qcells):
     """{layer: {operand: {bits, signed}}} (metadata)."""
     return {name: {op: getattr(cell, f"{op}_q").as_dict() for op in cell.operands} for name, cell in qcells}
@@ -228,7 +215,7 @@ def export_onnx(model, path, batch_size=None, model_name=None, quantized=True):
     Returns the ONNX ModelProto."""
     import onnx
     from onnx import TensorProto, helper
-    from ..quant.convert import quant_cells
+    from ..quant.convert import check_calibrated, quant_cells
     from ..models.vit import VisionTransformer
 
     if not isinstance(model, VisionTransformer):
@@ -241,7 +228,7 @@ def export_onnx(model, path, batch_size=None, model_name=None, quantized=True):
         if not qcells:
             raise ValueError(f"model {name or type(model).__name__} is not quantized: run quant.py first "
                              f"(or export_onnx(..., quantized=False) for the float graph)")
-        _check_calibrated(qcells)
+        check_calibrated(qcells)
         for lname, cell in qcells:
             for op in cell.operands:
                 if op != "w" and getattr(cell, f"{op}_scale").shape != (1,):
@@ -268,18 +255,9 @@ def export_onnx(model, path, batch_size=None, model_name=None, quantized=True):
 
 
 def _save_atomic(proto, path):
-    """Serialize to a temporary file in the destination folder, then rename onto `path`."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(proto.SerializeToString())
-        make_readable(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """Serialize to a private temporary file in the destination folder, then rename onto `path`."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write_bytes(path, proto.SerializeToString())
 
 
 # ----------------------------------------------------------------------------- loading

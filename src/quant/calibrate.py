@@ -83,7 +83,10 @@ def build_problem(cell, inputs, target):
         n, d = target.shape[:2]
         return LayerProblem(_patches(inputs[0], p), w.reshape(w.shape[0], -1),
                             target.reshape(n, d, -1).transpose(0, 2, 1), bias=bias)
-    return LayerProblem(inputs[0], w, target, bias=bias)
+    x = inputs[0]
+    if x.ndim == 2:  # the classifier head sees one token per image: (N, K) -> (N, 1, K)
+        x, target = x[:, None, :], target[:, None, :]
+    return LayerProblem(x, w, target, bias=bias)
 
 
 def operand_roles(cell):

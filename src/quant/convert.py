@@ -8,11 +8,11 @@ import mindspore as ms
 from mindspore import nn, Tensor
 
 from ..models.vit import MatMul
-from ..utils import save_checkpoint_atomic
+from ..utils import first_line, save_checkpoint_atomic, short_repr
 from .layers import QUANT_CELLS, QuantConv2d, QuantDense, QuantMatMul, quant_conv_from, quant_dense_from, \
     quant_matmul_from
 from .packing import pack_codes, unpack_codes
-from .quantizer import quantize_np
+from .quantizer import MAX_BITS, MIN_BITS, quantize_np
 
 # v2: weight codes packed at their bit width (`<layer>.weight_packed`, uint8); v1 (still read):
 # int8 up to 8 bits, int16 above (`<layer>.weight_int`).
@@ -112,6 +112,19 @@ def _is_scale(name):
     return name.rsplit(".", 1)[-1] in ("w_scale", "a_scale", "b_scale")
 
 
+def check_calibrated(qcells):
+    """A one-line ValueError for a quantized cell (of [(name, cell)]) that is switched off or
+    never calibrated (an interval still at its initial 1.0): the exporters refuse such a model."""
+    for name, cell in qcells:
+        for op in cell.operands:
+            if not getattr(cell, f"{op}_on"):
+                raise ValueError(f"{name}: quantizer '{op}' is off; export a model in quantized mode "
+                                 f"(src.quant.set_quant_mode(model, 'quantized'))")
+            if np.all(cell.get_scale(op) == 1.0):
+                raise ValueError(f"{name}: interval '{op}_scale' is still its initial 1.0 (not calibrated); "
+                                 f"calibrate the model (quant.py) before exporting")
+
+
 def model_size_mb(model, quantized=True):
     """Parameter storage in MB (10^6 bytes): weights of quantized layers at their bit width
     (when `quantized`), every other parameter at 32 bits; intervals are not counted."""
@@ -176,17 +189,69 @@ def _decode_meta(raw):
 
 def read_quant_meta(path):
     """(quant_meta dict, raw parameters) of a quantized checkpoint (format v2, or v1 with int8/int16
-    `<layer>.weight_int`), or None for any other checkpoint."""
+    `<layer>.weight_int`), or None for any other checkpoint. A quant_meta entry that does not
+    follow the schema (check_quant_meta) is a one-line ValueError."""
     if not str(path).endswith(".ckpt"):
         return None
-    params = ms.load_checkpoint(path)
+    try:
+        params = ms.load_checkpoint(path)
+    except (RuntimeError, ValueError) as e:  # MindSpore cannot parse the file at all
+        raise ValueError(f"{path}: not a MindSpore checkpoint ({first_line(e)})") from None
     if META_KEY not in params:
         return None
-    meta = _decode_meta(params[META_KEY])
-    if meta.get("format") not in READABLE_FORMATS:
-        raise ValueError(f"{path}: unknown quantized checkpoint format {meta.get('format')!r}; expected one of "
-                         f"{', '.join(READABLE_FORMATS)}")
+    try:
+        meta = _decode_meta(params[META_KEY])
+    except (ValueError, UnicodeDecodeError) as e:  # json.JSONDecodeError is a ValueError
+        raise ValueError(f"{path}: '{META_KEY}' is not UTF-8 JSON ({first_line(e, 120)})") from None
+    check_quant_meta(meta, path)
     return meta, params
+
+
+def check_quant_meta(meta, path):
+    """The parts of quant_meta that loading relies on, checked with one-line errors: format,
+    model, num_classes, and per layer and operand its bits and signedness (and, in v2, the
+    shape, bits and signedness of each packed weight). Other keys are free."""
+    def bad(where, expected, value):
+        raise ValueError(f"{path}: quant_meta {where} is {short_repr(value)}; expected {expected}")
+
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def check_bits(where, d):
+        if not isinstance(d, dict):
+            bad(where, "a mapping with 'bits' and 'signed'", d)
+        if not (is_int(d.get("bits")) and MIN_BITS <= d["bits"] <= MAX_BITS):
+            bad(f"{where}.bits", f"an integer from {MIN_BITS} to {MAX_BITS}", d.get("bits"))
+        if not isinstance(d.get("signed"), bool):
+            bad(f"{where}.signed", "true or false", d.get("signed"))
+
+    if not isinstance(meta, dict):
+        bad("", "a JSON object", meta)
+    if meta.get("format") not in READABLE_FORMATS:
+        raise ValueError(f"{path}: unknown quantized checkpoint format {short_repr(meta.get('format'))}; expected one "
+                         f"of {', '.join(READABLE_FORMATS)}")
+    if not isinstance(meta.get("model"), str):
+        bad("'model'", "a model name", meta.get("model"))
+    if not (is_int(meta.get("num_classes")) and meta["num_classes"] >= 1):
+        bad("'num_classes'", "a positive integer", meta.get("num_classes"))
+    layers = meta.get("layers")
+    if not isinstance(layers, dict) or not layers:
+        bad("'layers'", "a non-empty mapping of layer names to operands", layers)
+    for name, ops in layers.items():
+        if not isinstance(ops, dict) or not any(k != "type" for k in ops):
+            bad(f"layers.{name}", "a mapping of operands to their bits", ops)
+        for op, d in ops.items():
+            if op != "type":
+                check_bits(f"layers.{name}.{op}", d)
+    if meta["format"] == QCKPT_FORMAT:
+        packed = meta.get("packed_weights")
+        if not isinstance(packed, dict):
+            bad("'packed_weights'", "a mapping of layer names to packed weights", packed)
+        for name, d in packed.items():
+            check_bits(f"packed_weights.{name}", d)
+            shape = d.get("shape")
+            if not (isinstance(shape, list) and shape and all(is_int(v) and v >= 1 for v in shape)):
+                bad(f"packed_weights.{name}.shape", "a list of positive integers", shape)
 
 
 def _weight_codes(path, meta, params, name, cell):
@@ -233,7 +298,12 @@ def load_quantized_checkpoint(path, model_name=None):
     for suffix, _, key in QUANT_TABLE:
         if key is not None:
             qcfg[key] = any(_matches(n, suffix) for n in layers)
-    qcfg["weight_per_channel"] = any(params[f"{n}.w_scale"].shape[0] > 1 for n in layers if "w" in layers[n])
+    def entry(key):
+        if key not in params:
+            raise ValueError(f"{path}: quantized checkpoint has no '{key}' (its quant_meta lists the layer)")
+        return params[key]
+
+    qcfg["weight_per_channel"] = any(entry(f"{n}.w_scale").shape[0] > 1 for n in layers if "w" in layers[n])
     layer_bits = {n: {op: v["bits"] for op, v in d.items() if op != "type"} for n, d in layers.items()}
     names = quantize_model(model, qcfg, layer_bits)
     if sorted(names) != sorted(layers):
@@ -244,8 +314,10 @@ def load_quantized_checkpoint(path, model_name=None):
     for name, d in layers.items():
         cell = cells[name]
         for op in cell.operands:
+            if op not in d:
+                raise ValueError(f"{path}: quant_meta layers.{name} has no operand '{op}'")
             cell.set_bits(op, d[op]["bits"], d[op]["signed"])
-            cell.set_scale(op, params[f"{name}.{op}_scale"].asnumpy())
+            cell.set_scale(op, entry(f"{name}.{op}_scale").asnumpy())
             loaded.add(f"{name}.{op}_scale")
         if "w" in cell.operands:
             codes, key = _weight_codes(path, meta, params, name, cell)
@@ -270,5 +342,5 @@ def load_quantized_checkpoint(path, model_name=None):
 
 
 __all__ = ["QUANT_TABLE", "quant_targets", "quantize_model", "quant_cells", "set_quant_mode", "model_size_mb",
-           "layer_report", "save_quantized_checkpoint", "load_quantized_checkpoint", "read_quant_meta",
+           "layer_report", "check_calibrated", "save_quantized_checkpoint", "load_quantized_checkpoint", "read_quant_meta",
            "QuantDense", "QuantConv2d", "QuantMatMul"]
