@@ -253,6 +253,7 @@ class Progress:
         self._last = 0.0
 
     def update(self, n):
+        check_interrupted()
         self.done += n
         now = time.time()
         if now - self._last >= self.every or self.done >= self.total:
@@ -296,18 +297,40 @@ def short_repr(value, limit=60):
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
+_PENDING = []  # signals received and not yet acted upon
+
+
 def _on_signal(signum, frame):
-    raise Interrupted(signal.Signals(signum).name)
+    """Remember the signal; check_interrupted raises at the next safe point. Raising here, at
+    whatever bytecode runs, could land inside a MindSpore call into Python (graph compilation
+    parses the model's code), where it is swallowed or turned into a compile-failure report.
+    A second signal raises at once."""
+    if _PENDING:
+        raise Interrupted(signal.Signals(signum).name)
+    _PENDING.append(signum)
+
+
+def check_interrupted():
+    """A safe point of the long loops (each batch, layer and candidate chunk): raise
+    Interrupted if SIGINT or SIGTERM arrived since."""
+    if _PENDING:
+        signum = _PENDING.pop()
+        _PENDING.clear()
+        raise Interrupted(signal.Signals(signum).name)
 
 
 def install_signal_handlers():
-    """Ctrl-C (SIGINT) and SIGTERM raise Interrupted, so that `finally` blocks remove
-    temporaries and run_cli exits 130 with one line. Installed after MindSpore is imported
-    (it installs its own SIGINT handler), and also when SIGINT was ignored at start (a
-    background job of a script). MindSpore's runtime turns a Ctrl-C that lands inside an
-    operation into a SIGTERM to the process; that is why SIGTERM is handled the same way."""
+    """Ctrl-C (SIGINT) and SIGTERM make the next safe point (check_interrupted) raise
+    Interrupted, so that `finally` blocks remove temporaries and run_cli exits 130 with one
+    line. Installed after MindSpore is imported (it installs its own SIGINT handler), and also
+    when SIGINT was ignored at start (a background job of a script). MindSpore's runtime turns
+    a Ctrl-C that lands inside an operation into a SIGTERM to the process; that is why SIGTERM
+    is handled the same way. Returns the previous handlers {signal: handler}."""
+    _PENDING.clear()
+    previous = {}
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, _on_signal)
+        previous[sig] = signal.signal(sig, _on_signal)
+    return previous
 
 
 def _message(e):
@@ -333,10 +356,11 @@ def run_cli(fn, *args):
     import traceback
     from .config import ConfigError
     import mindspore  # noqa: F401 - imported first: it installs a SIGINT handler of its own
-    install_signal_handlers()
+    previous = install_signal_handlers()
     debug = bool(os.environ.get("VTPTQ_DEBUG"))
     try:
         fn(*args)
+        check_interrupted()  # a signal after the last safe point still reports "interrupted"
         return 0
     except KeyboardInterrupt as e:
         notes = getattr(e, "__notes__", None)
@@ -359,3 +383,6 @@ def run_cli(fn, *args):
         print(f"error: out of memory ({first_line(e)}); try a smaller --batch-size or --calib-batch-size",
               file=sys.stderr)
         return EXIT_OS
+    finally:  # in-process callers (tests, notebooks) get their handlers back
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -25,6 +25,8 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image
 
+from ..utils import check_interrupted
+
 WNIDS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "imagenet1k_wnids.txt")
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
@@ -302,6 +304,7 @@ class ImageFolderDataset:
                 nxt = next(it, None)
                 if nxt is not None:
                     pending.append((nxt, ex.submit(job, nxt)))
+                check_interrupted()
                 yield i, fut.result()
         finally:
             ex.shutdown(wait=True, cancel_futures=True)

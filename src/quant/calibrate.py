@@ -14,6 +14,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor
 
+from ..utils import check_interrupted
 from .convert import quant_cells
 from .quantizer import fake_quant_np, init_scale, percentile_scale
 from .search import LayerProblem, candidate_grid, evaluate_pair, keep_heap_memory, score_candidates
@@ -50,6 +51,7 @@ def run_stage(fn, x, batch_size, capture=None):
     outs = []
     try:
         for i in range(0, len(x), batch_size):
+            check_interrupted()
             outs.append(fn(Tensor(x[i:i + batch_size])).asnumpy())
     finally:
         for h in handles:

@@ -10,6 +10,7 @@ quantized at its current interval, and scores each candidate on all calibration 
 """
 import numpy as np
 
+from ..utils import check_interrupted
 from .quantizer import fake_quant_np
 
 EPS = 1e-12
@@ -143,6 +144,7 @@ def score_candidates(problem, which, candidates, a_hat, b_hat_right, bits, signe
     cand_chunk = cand_chunk or max(1, min(num_c, CHUNK_ELEMS // max(1, problem.out_elems)))
     total = np.zeros(num_c, np.float64)
     for c0 in range(0, num_c, cand_chunk):
+        check_interrupted()
         cs = candidates[c0:c0 + cand_chunk]
         cs_right = np.stack([problem.right_scale(c) for c in cs]) if which == "b" else cs
         shared_b = None
@@ -241,6 +243,7 @@ def _score_dense_moments(problem, which, candidates, a_hat, b_hat_right, bits, s
     step_n = max(1, CHUNK_ELEMS // max(1, len(candidates) * per_sample))
     cand_chunk = len(candidates) if step_n > 1 else max(1, CHUNK_ELEMS // per_sample)
     for c0 in range(0, len(candidates), cand_chunk):
+        check_interrupted()
         cs = candidates[c0:c0 + cand_chunk]
         for i in range(0, n, step_n):
             sl = slice(i, min(n, i + step_n))

@@ -1,0 +1,449 @@
+"""Hostile input and faults: every class of bad input or fault gives one line, a non-zero exit,
+no traceback, no temporary left behind and no file lost or mixed between runs.
+
+Categories (issue #11): output folders, temporary files, file-system errors, memory attacks
+through images, validation before work, checkpoint metadata, YAML, devices, usage errors,
+failures known in advance, Ctrl-C. Kept fast: the embedded model on a few images or a tiny
+registered ViT; the file-system faults use a small tmpfs (skipped where it cannot be mounted).
+"""
+import contextlib
+import importlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+from _helpers import randomize, registered_vit
+
+import mindspore as ms
+from mindspore import Tensor
+
+from src import utils
+from src.config import ConfigError, defaults, load_yaml, resolve
+from src.data.imagenet import MAX_RESIZED_PIXELS, ImageSizeError, build_eval_transform
+from src.models import create_model
+from src.quant import calibrate_model, quantize_model, save_quantized_checkpoint
+from src.quant.convert import META_KEY
+from src.utils import RunOutput, atomic_write_text
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+eval_script = importlib.import_module("eval")
+quant_script = importlib.import_module("quant")
+export_script = importlib.import_module("export")
+
+TINY = "_test_hostile_tiny_vit"
+TINY_CFG = dict(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=32, depth=1, num_heads=2)
+QUICK = ["--max-images", "20", "--batch-size", "20", "--calib-num", "4", "--calib-batch-size", "4"]
+W0 = "n01440764"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def restore_mode():
+    mode = ms.get_context("mode")
+    yield
+    ms.set_context(mode=mode)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    with registered_vit(TINY, TINY_CFG):
+        yield TINY
+
+
+def one_error_line(capsys):
+    """stderr of the last call: exactly one line, 'error: ...' (progress lines aside); returns it."""
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.replace("\r", "\n").splitlines() if ln.strip() and not ln.startswith(("FP eval", "eval", "warning:"))]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def leftovers(folder):
+    """Names under `folder` (recursively) that look like temporaries."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        found += [os.path.join(root, n) for n in dirs + files if "tmp" in n]
+    return found
+
+
+def read_yaml(path):
+    with open(path, encoding="utf-8") as f:
+        return yaml.safe_load(f)
+
+
+@contextlib.contextmanager
+def tmpfs(path, size="64k", read_only=False):
+    """A small tmpfs at `path` (skips the test where mounting is not allowed)."""
+    os.makedirs(path, exist_ok=True)
+    opts = f"size={size}" + (",ro" if read_only else "")
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode(errors='replace').strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], capture_output=True)
+
+
+def tiny_quantized_ckpt(path, tiny_name):
+    model = randomize(create_model(tiny_name), 0)
+    cfg = dict(defaults(), w_bits=8, a_bits=8)
+    quantize_model(model, cfg)
+    calibrate_model(model, np.random.default_rng(0).standard_normal((4, 1, 28, 28)).astype(np.float32), cfg,
+                    log=io.StringIO())
+    save_quantized_checkpoint(model, str(path), tiny_name)
+    return path
+
+
+def rewrite_meta(src, dst, meta_bytes):
+    """Copy of a quantized checkpoint with its quant_meta entry replaced by `meta_bytes`."""
+    params = ms.load_checkpoint(str(src))
+    entries = [{"name": k, "data": Tensor(v.asnumpy())} for k, v in params.items() if k != META_KEY]
+    entries.append({"name": META_KEY, "data": Tensor(np.frombuffer(meta_bytes, np.uint8))})
+    ms.save_checkpoint(entries, str(dst))
+    return dst
+
+
+# ----------------------------------------------------------------------------- 1. output folders
+
+def test_failed_rerun_leaves_folder_and_keeps_checkpoint(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    assert quant_script.cli([*QUICK, "--w-bits", "8", "--a-bits", "8", "--output", str(out)]) == 0
+    before = {n: (out / n).read_bytes() for n in os.listdir(out)}
+    assert set(before) == {"config.yaml", "quantized.ckpt", "result.json"}
+    capsys.readouterr()
+
+    import src.distributed as dist
+    real = dist.evaluate_sharded
+
+    def failing(model, dataset, *a, desc="eval", **kw):
+        if desc == "quantized eval":
+            raise ValueError("planted failure after the checkpoint")
+        return real(model, dataset, *a, desc=desc, **kw)
+    monkeypatch.setattr(dist, "evaluate_sharded", failing)
+    assert quant_script.cli([*QUICK, "--w-bits", "4", "--a-bits", "4", "--output", str(out)]) == 2
+    line = one_error_line(capsys)
+    failed = tmp_path / "run.failed"
+    assert "planted failure" in line and str(failed) in line and "quantized.ckpt" in line
+    # the folder still describes the first run, byte for byte; the failed run's checkpoint is kept aside
+    assert {n: (out / n).read_bytes() for n in os.listdir(out)} == before
+    assert read_yaml(out / "config.yaml")["w_bits"] == 8
+    assert (failed / "quantized.ckpt").is_file() and read_yaml(failed / "config.yaml")["w_bits"] == 4
+    assert not leftovers(tmp_path)
+
+
+def test_rerun_replaces_the_whole_folder(tmp_path):
+    out = tmp_path / "run"
+    assert eval_script.cli(["--max-images", "10", "--output", str(out), "--save-predictions",
+                            str(out / "p.csv")]) == 0
+    (out / "quantized.onnx").write_bytes(b"stale file of an earlier run")
+    assert eval_script.cli(["--max-images", "12", "--output", str(out), "--save-predictions",
+                            str(out / "p.csv")]) == 0
+    assert sorted(os.listdir(out)) == ["config.yaml", "p.csv", "result.json"]
+    assert json.loads((out / "result.json").read_text())["num_images"] == 12
+    assert len((out / "p.csv").read_text().splitlines()) == 13
+    assert not leftovers(tmp_path)
+
+
+def test_unrelated_folder_is_not_replaced(tmp_path, capsys):
+    out = tmp_path / "home"
+    out.mkdir()
+    (out / "thesis.tex").write_text("precious")
+    assert eval_script.cli(["--max-images", "5", "--output", str(out)]) == 2
+    assert "holds files of no earlier run" in one_error_line(capsys)
+    assert os.listdir(out) == ["thesis.tex"] and not leftovers(tmp_path)
+
+
+def test_run_output_of_a_non_writing_rank_creates_nothing(tmp_path):
+    with RunOutput(tmp_path / "x", enabled=False) as out:
+        assert out.path("result.json") == str(tmp_path / "x" / "result.json")
+    assert os.listdir(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------- 2. temporary files
+
+def test_planted_links_are_never_followed(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    folder = tmp_path / "out"
+    folder.mkdir()
+    # a link at the old predictable temporary name and one at the destination itself
+    os.symlink(victim, folder / f".config.yaml.tmp{os.getpid()}")
+    os.symlink(victim, folder / "result.json")
+    atomic_write_text(str(folder / "config.yaml"), "a: 1\n")
+    utils.atomic_write_json(str(folder / "result.json"), {"b": 2})
+    utils.save_checkpoint_atomic([{"name": "w", "data": Tensor(np.ones(2, np.float32))}], str(folder / "m.ckpt"))
+    assert victim.read_text() == "keep me"
+    assert not os.path.islink(folder / "result.json") and json.loads((folder / "result.json").read_text()) == {"b": 2}
+    assert sorted(os.listdir(folder)) == [f".config.yaml.tmp{os.getpid()}", "config.yaml", "m.ckpt", "result.json"]
+
+
+def test_temporary_names_are_unpredictable_and_private(tmp_path, monkeypatch):
+    seen = []
+    real = os.replace
+
+    def spy(a, b):
+        seen.append((os.path.basename(a), os.stat(a).st_mode & 0o777))
+        return real(a, b)
+    monkeypatch.setattr(os, "replace", spy)
+    for _ in range(2):
+        atomic_write_text(str(tmp_path / "f.txt"), "x")
+    names = [n for n, _ in seen]
+    assert names[0] != names[1] and all(n.startswith(".f.txt.") for n in names)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "f.txt").stat().st_mode & 0o777 == 0o666 & ~umask  # ordinary once in place
+
+
+# ----------------------------------------------------------------------------- 3. file-system errors
+
+def test_output_path_that_is_a_file(tmp_path, capsys):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    assert eval_script.cli(["--max-images", "5", "--output", str(f)]) == 2
+    assert "exists and is not a folder" in one_error_line(capsys)
+    assert f.read_text() == "x"
+
+
+def test_read_only_file_system(tmp_path, capsys):
+    with tmpfs(tmp_path / "ro", read_only=True) as ro:
+        assert eval_script.cli(["--max-images", "5", "--output", str(ro / "out")]) == 1
+        line = one_error_line(capsys)
+        assert str(ro / "out") in line and "Read-only file system" in line
+        assert eval_script.cli(["--max-images", "5", "--output", str(tmp_path / "o"),
+                                "--save-predictions", str(ro / "p.csv")]) == 2
+        assert "not writable" in one_error_line(capsys)
+        assert os.listdir(ro) == []
+    assert not (tmp_path / "o").exists()
+
+
+def test_full_disk_names_the_file_and_leaves_nothing(tmp_path, capsys):
+    with tmpfs(tmp_path / "full", size="16k") as full:
+        rc = quant_script.cli([*QUICK, "--output", str(full / "out")])
+        assert rc == 1
+        line = one_error_line(capsys)
+        assert str(full / "out" / "quantized.ckpt") in line and "No space left on device" in line
+        assert os.listdir(full) == []
+
+
+def test_predictions_destination_checked_before_work(tmp_path, capsys):
+    assert eval_script.cli(["--output", str(tmp_path / "o"), "--save-predictions", str(tmp_path)]) == 2
+    assert "is a folder" in one_error_line(capsys)
+    assert not (tmp_path / "o").exists()
+
+
+def test_failed_predictions_keep_the_result(tmp_path, capsys, monkeypatch):
+    import errno
+    import src.engine as engine
+
+    def full_disk(path, predictions):
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+    monkeypatch.setattr(engine, "write_predictions_csv", full_disk)
+    out = tmp_path / "run"
+    assert eval_script.cli(["--max-images", "10", "--output", str(out), "--save-predictions",
+                            str(tmp_path / "p.csv")]) == 1
+    line = one_error_line(capsys)
+    assert str(tmp_path / "p.csv") in line and "result.json" in line and "run.failed" in line
+    assert json.loads((tmp_path / "run.failed" / "result.json").read_text())["num_images"] == 10
+    assert not out.exists() and not leftovers(tmp_path)
+
+
+# ----------------------------------------------------------------------------- 4. memory attacks
+
+def test_resize_of_extreme_image_is_bounded():
+    t = build_eval_transform((3, 224, 224), (0.5,) * 3, (0.5,) * 3)
+    with pytest.raises(ImageSizeError, match="over the bound"):
+        t(Image.new("RGB", (30000, 1)))
+    assert 2 * 256 * 256 < MAX_RESIZED_PIXELS  # ordinary images pass
+    assert t(Image.new("RGB", (500, 375))).shape == (3, 224, 224)
+
+
+@pytest.fixture()
+def thin_jpeg_root(tmp_path):
+    d = tmp_path / "imnet" / "val" / W0
+    d.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (40, 40, 3), np.uint8)).save(d / "good.JPEG")
+    Image.new("RGB", (30000, 1)).save(d / "thin.JPEG")
+    assert (d / "thin.JPEG").stat().st_size < 20000
+    return tmp_path / "imnet"
+
+
+def test_thin_jpeg_is_skipped_or_one_line(tmp_path, thin_jpeg_root, capsys):
+    with registered_vit("_hostile_rgb_vit", dict(img_size=32, patch_size=8, num_classes=1000, embed_dim=16, depth=1,
+                                                 num_heads=2),
+                        dict(input_size=(3, 32, 32), mean=(0.5,) * 3, std=(0.5,) * 3, crop_pct=0.875,
+                             interpolation="bicubic", dataset="imagenet")) as name:
+        args = ["--model", name, "--data", str(thin_jpeg_root), "--batch-size", "2", "--mode", "pynative"]
+        assert eval_script.cli([*args, "--output", str(tmp_path / "a")]) == 2
+        line = one_error_line(capsys)
+        assert "thin.JPEG" in line and "over the bound" in line
+        assert eval_script.cli([*args, "--skip-bad-images", "--output", str(tmp_path / "b")]) == 0
+        res = json.loads((tmp_path / "b" / "result.json").read_text())
+        assert res["num_images"] == 1 and res["skipped_images"] == 1
+
+
+def test_crop_pct_is_range_checked(capsys):
+    assert eval_script.cli(["--crop-pct", "1e-6"]) == 2
+    assert "crop_pct" in one_error_line(capsys)
+
+
+# ----------------------------------------------------------------------------- 5. validation before work
+
+@pytest.mark.parametrize("flags, words", [
+    (["--percentile", "0"], "percentile"), (["--percentile", "nan"], "finite"), (["--percentile", "inf"], "finite"),
+    (["--percentile", "100.5"], "percentile"), (["--search-alpha", "0", "--search-beta", "0"], "search_alpha"),
+    (["--search-alpha", "1.2", "--search-beta", "0.5"], "below search_beta"),
+    (["--ranking-gamma", "nan"], "finite"),
+])
+def test_bad_values_fail_before_any_work(flags, words, capsys, monkeypatch):
+    import src.distributed as dist
+    monkeypatch.setattr(dist, "evaluate_sharded", lambda *a, **k: pytest.fail("evaluation started"))
+    assert quant_script.cli(flags) == 2
+    assert words in one_error_line(capsys)
+
+
+def test_yaml_non_finite_value(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("percentile: .nan\n")
+    with pytest.raises(ConfigError, match="finite"):
+        load_yaml(str(p))
+
+
+# ----------------------------------------------------------------------------- 6. checkpoints
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda m: m.pop("layers"), "'layers'"),
+    (lambda m: m.update(num_classes="10"), "'num_classes'"),
+    (lambda m: m.update(num_classes=True), "'num_classes'"),
+    (lambda m: m["layers"][next(iter(m["layers"]))]["a"].update(bits="8"), ".a.bits"),
+    (lambda m: m["packed_weights"][next(iter(m["packed_weights"]))].update(shape=[-1]), ".shape"),
+    ("list", "JSON object"),
+    ("garbage", "not UTF-8 JSON"),
+])
+def test_bad_quant_meta_is_one_line(tiny, tmp_path, capsys, edit, words):
+    good = tiny_quantized_ckpt(tmp_path / "good.ckpt", tiny)
+    meta = json.loads(ms.load_checkpoint(str(good))[META_KEY].asnumpy().tobytes())
+    if edit == "list":
+        raw = json.dumps([meta]).encode()
+    elif edit == "garbage":
+        raw = b"\xff\xfe{not json"
+    else:
+        edit(meta)
+        raw = json.dumps(meta).encode()
+    bad = rewrite_meta(good, tmp_path / "bad.ckpt", raw)
+    assert eval_script.cli(["--ckpt", str(bad), "--output", str(tmp_path / "e")]) == 2
+    assert words in one_error_line(capsys)
+    assert export_script.cli(["--ckpt", str(bad), "--format", "mindir"]) == 2
+    assert words in one_error_line(capsys)
+    assert not (tmp_path / "e").exists() and not (tmp_path / "bad.mindir").exists()
+
+
+def test_not_a_checkpoint_is_one_line(tmp_path, capsys):
+    junk = tmp_path / "junk.ckpt"
+    junk.write_bytes(b"\x00" * 100)
+    assert export_script.cli(["--ckpt", str(junk), "--format", "onnx"]) == 2
+    assert "junk.ckpt" in one_error_line(capsys)
+
+
+# ----------------------------------------------------------------------------- 7. YAML
+
+def test_yaml_alias_bomb_refused_fast(tmp_path, capsys):
+    lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for k in "bcdefghi":
+        prev = chr(ord(k) - 1)
+        lines.append(f"{k}: &{k} [" + ",".join([f"*{prev}"] * 9) + "]")
+    p = tmp_path / "bomb.yaml"
+    p.write_text("\n".join(lines) + "\n")
+    t0 = time.time()
+    assert eval_script.cli(["--config", str(p)]) == 2
+    line = one_error_line(capsys)
+    assert time.time() - t0 < 10 and "aliases" in line and len(line) < 300
+
+
+def test_long_values_are_shortened_in_errors(tmp_path, capsys):
+    p = tmp_path / "long.yaml"
+    p.write_text("model: [" + ",".join(["x" * 50] * 1000) + "]\n")
+    assert eval_script.cli(["--config", str(p)]) == 2
+    assert len(one_error_line(capsys)) < 300
+
+
+# ----------------------------------------------------------------------------- 8. devices
+
+@pytest.mark.skipif(ms.hal.is_available("GPU"), reason="this machine has a GPU")
+def test_unavailable_device_is_one_line(tmp_path, capsys):
+    assert eval_script.cli(["--device-target", "GPU", "--output", str(tmp_path / "o")]) == 2
+    line = one_error_line(capsys)
+    assert "GPU is not available" in line and not (tmp_path / "o").exists()
+
+
+# ----------------------------------------------------------------------------- 9. usage errors
+
+@pytest.mark.parametrize("script", ["eval", "quant", "export"])
+def test_bad_flag_is_one_line(script):
+    extra = ["--ckpt", "x.ckpt", "--format", "onnx"] if script == "export" else []
+    r = subprocess.run([sys.executable, f"{script}.py", *extra, "--no-such-flag"], cwd=REPO, capture_output=True, text=True,
+                       env=dict(os.environ, GLOG_v="3"))
+    assert r.returncode == 2
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "--no-such-flag" in lines[0], r.stderr
+
+
+# ----------------------------------------------------------------------------- 10. failures known in advance
+
+@pytest.mark.parametrize("method", ["easyquant", "vtptq"])
+def test_quantize_head_works_with_search_methods(tiny, method):
+    model = randomize(create_model(tiny), 0)
+    cfg = dict(defaults(), method=method, w_bits=4, a_bits=4, quantize_head=True, search_candidates=8,
+               max_rounds=2, calib_batch_size=4)
+    quantize_model(model, cfg)
+    x = np.random.default_rng(1).standard_normal((4, 1, 28, 28)).astype(np.float32)
+    report = calibrate_model(model, x, cfg, log=io.StringIO())
+    assert "head" in report and report["head"]["rounds"] >= 1
+
+
+def test_mindir_export_refuses_uncalibrated_model(tiny, tmp_path):
+    from src.export.mindir import export_mindir
+    model = randomize(create_model(tiny), 0)
+    quantize_model(model, dict(defaults()))
+    from src.quant import set_quant_mode
+    set_quant_mode(model, "quantized")
+    with pytest.raises(ValueError, match="not calibrated"):
+        export_mindir(model, str(tmp_path / "m.mindir"), 2)
+    assert os.listdir(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------- 11. Ctrl-C
+
+@pytest.mark.parametrize("ignored_at_start", [False, True])
+def test_ctrl_c_says_interrupted_and_exits_130(tmp_path, ignored_at_start):
+    out = tmp_path / "run"
+
+    def preexec():
+        if ignored_at_start:  # as for a background job started from a script
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+    p = subprocess.Popen([sys.executable, "quant.py", "--calib-num", "8", "--output", str(out)], cwd=REPO,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=preexec,
+                         env=dict(os.environ, GLOG_v="3", PYTHONUNBUFFERED="1"))
+    try:
+        for line in p.stdout:  # interrupt while the FP evaluation runs
+            if line.startswith("deit_fmnist_minmax_w8a8:"):
+                break
+        time.sleep(2)
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err
+    assert not out.exists() and not leftovers(tmp_path)
