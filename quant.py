@@ -82,8 +82,10 @@ def fp_reference(cfg, dataset, model_fn):
         with open(path, encoding="utf-8") as f:
             try:
                 fp = json.load(f)
-            except json.JSONDecodeError as e:
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise ValueError(f"{path}: not a JSON result file ({e})") from None
+        if not isinstance(fp, dict) or not all(isinstance(fp.get(k), (int, float)) for k in ("top1", "top5")):
+            raise ValueError(f"{path}: fp_result is not the result.json of an evaluation (no numeric top1/top5)")
         want = {"model": cfg["model"], "checkpoint": resolve_checkpoint(cfg), "data": data_description(cfg),
                 "num_images": len(dataset)}
         for key, value in want.items():

@@ -83,10 +83,13 @@ CHOICES = {
 }
 
 # Inclusive bounds (None: unbounded) of numeric keys.
-RANGES = {"batch_size": (1, None), "max_images": (1, None), "num_workers": (0, None), "num_classes": (1, None),
-          "w_bits": (2, 16), "a_bits": (2, 16), "calib_num": (1, None), "calib_batch_size": (1, None),
+# Upper bounds keep one value from asking for unbounded memory or threads (a batch is
+# allocated whole, each decoding thread holds images, each candidate a copy of a tensor).
+RANGES = {"batch_size": (1, 65536), "max_images": (1, None), "num_workers": (0, 64), "num_classes": (1, 1_000_000),
+          "w_bits": (2, 16), "a_bits": (2, 16), "calib_num": (1, None), "calib_batch_size": (1, 65536),
+          "seed": (0, 2 ** 32 - 1), "calib_seed": (0, 2 ** 32 - 1),
           "percentile": (0.0, 100.0), "search_alpha": (0.0, None), "search_beta": (0.0, None),
-          "search_candidates": (1, None), "search_rounds": (1, None), "max_rounds": (1, None),
+          "search_candidates": (1, 10000), "search_rounds": (1, 1000), "max_rounds": (1, 1000),
           "ranking_gamma": (0.0, None), "ranking_theta": (0.0, None), "ranking_pairs": (0, None), "crop_pct": (0.1, 2.0),
           "mp_min_bits": (2, 16)}
 
@@ -178,6 +181,8 @@ def load_yaml(path):
         raise ConfigError(f"{path}: not valid YAML ({short_repr(str(e).strip().splitlines()[0], 200)})") from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply for a flat config") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

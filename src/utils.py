@@ -359,8 +359,7 @@ def run_cli(fn, *args):
     previous = install_signal_handlers()
     debug = bool(os.environ.get("VTPTQ_DEBUG"))
     try:
-        fn(*args)
-        check_interrupted()  # a signal after the last safe point still reports "interrupted"
+        fn(*args)  # a signal after the last safe point: the work is done and kept, exit 0
         return 0
     except KeyboardInterrupt as e:
         notes = getattr(e, "__notes__", None)

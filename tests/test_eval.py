@@ -338,7 +338,7 @@ def test_bad_flags_exit_2(args, capsys):
 
 
 @pytest.mark.parametrize("args,expect", [
-    (["--batch-size", "0"], "key 'batch_size' is 0; expected a value >= 1"),
+    (["--batch-size", "0"], "key 'batch_size' is 0; expected a value from 1 to 65536"),
     (["--max-images", "-5"], "key 'max_images' is -5; expected a value >= 1"),
     (["--model", "no_such_model"], "unknown model 'no_such_model'"),
     (["--model", "deit_tiny_patch16_224", "--data", "{missing}"], "no such directory"),

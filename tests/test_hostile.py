@@ -304,10 +304,14 @@ def test_crop_pct_is_range_checked(capsys):
     (["--percentile", "0"], "percentile"), (["--percentile", "nan"], "finite"), (["--percentile", "inf"], "finite"),
     (["--percentile", "100.5"], "percentile"), (["--search-alpha", "0", "--search-beta", "0"], "search_alpha"),
     (["--search-alpha", "1.2", "--search-beta", "0.5"], "below search_beta"),
-    (["--ranking-gamma", "nan"], "finite"),
+    (["--ranking-gamma", "nan"], "finite"), (["--batch-size", "100000000"], "batch_size"),
+    (["--num-workers", "100000"], "num_workers"), (["--search-candidates", "10000000"], "search_candidates"),
+    (["--seed", "-1"], "seed"), (["--fp-result", "{list_json}"], "not the result.json"),
 ])
-def test_bad_values_fail_before_any_work(flags, words, capsys, monkeypatch):
+def test_bad_values_fail_before_any_work(flags, words, tmp_path, capsys, monkeypatch):
     import src.distributed as dist
+    (tmp_path / "list.json").write_text("[1, 2]")
+    flags = [f.format(list_json=tmp_path / "list.json") for f in flags]
     monkeypatch.setattr(dist, "evaluate_sharded", lambda *a, **k: pytest.fail("evaluation started"))
     assert quant_script.cli(flags) == 2
     assert words in one_error_line(capsys)
@@ -369,6 +373,13 @@ def test_yaml_alias_bomb_refused_fast(tmp_path, capsys):
     assert eval_script.cli(["--config", str(p)]) == 2
     line = one_error_line(capsys)
     assert time.time() - t0 < 10 and "aliases" in line and len(line) < 300
+
+
+def test_deeply_nested_yaml_is_one_line(tmp_path, capsys):
+    p = tmp_path / "deep.yaml"
+    p.write_text("model: " + "[" * 5000 + "]" * 5000 + "\n")
+    assert eval_script.cli(["--config", str(p)]) == 2
+    assert "nested too deeply" in one_error_line(capsys)
 
 
 def test_long_values_are_shortened_in_errors(tmp_path, capsys):

@@ -115,10 +115,12 @@ def read_state_dict(path, keep_metadata=False):
 
 def _read_ckpt(path, keep_metadata):
     import mindspore as ms
+    from ..utils import first_line, quiet_mindspore_log
     try:
-        raw = ms.load_checkpoint(path)
+        with quiet_mindspore_log():  # its own log line would name the file a second time
+            raw = ms.load_checkpoint(path)
     except Exception as e:  # MindSpore raises ValueError/RuntimeError on corrupt files
-        raise CheckpointError(f"cannot read MindSpore checkpoint '{path}': {e}") from e
+        raise CheckpointError(f"cannot read MindSpore checkpoint '{path}': {first_line(e)}") from e
     state = {}
     for name, value in raw.items():
         if isinstance(value, str) or not hasattr(value, "asnumpy"):

@@ -8,7 +8,7 @@ import mindspore as ms
 from mindspore import nn, Tensor
 
 from ..models.vit import MatMul
-from ..utils import first_line, save_checkpoint_atomic, short_repr
+from ..utils import first_line, quiet_mindspore_log, save_checkpoint_atomic, short_repr
 from .layers import QUANT_CELLS, QuantConv2d, QuantDense, QuantMatMul, quant_conv_from, quant_dense_from, \
     quant_matmul_from
 from .packing import pack_codes, unpack_codes
@@ -194,7 +194,8 @@ def read_quant_meta(path):
     if not str(path).endswith(".ckpt"):
         return None
     try:
-        params = ms.load_checkpoint(path)
+        with quiet_mindspore_log():  # its own log line would name the file a second time
+            params = ms.load_checkpoint(path)
     except (RuntimeError, ValueError) as e:  # MindSpore cannot parse the file at all
         raise ValueError(f"{path}: not a MindSpore checkpoint ({first_line(e)})") from None
     if META_KEY not in params:
@@ -317,7 +318,10 @@ def load_quantized_checkpoint(path, model_name=None):
             if op not in d:
                 raise ValueError(f"{path}: quant_meta layers.{name} has no operand '{op}'")
             cell.set_bits(op, d[op]["bits"], d[op]["signed"])
-            cell.set_scale(op, entry(f"{name}.{op}_scale").asnumpy())
+            try:
+                cell.set_scale(op, entry(f"{name}.{op}_scale").asnumpy())
+            except ValueError as e:  # wrong shape, not finite, not positive
+                raise ValueError(f"{path}: '{name}.{op}_scale': {first_line(e)}") from None
             loaded.add(f"{name}.{op}_scale")
         if "w" in cell.operands:
             codes, key = _weight_codes(path, meta, params, name, cell)
