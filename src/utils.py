@@ -24,15 +24,29 @@ def _split(path):
 
 
 @contextlib.contextmanager
+def os_errors_name(path, temporary):
+    """An OSError raised inside the block that names no file, or the temporary `temporary`
+    (a file or folder), is raised again naming `path`, the file the user asked for."""
+    try:
+        yield
+    except OSError as e:
+        name = e.filename
+        if name is None or (isinstance(name, str) and os.path.abspath(name).startswith(os.path.abspath(temporary))):
+            raise OSError(e.errno, e.strerror or first_line(e), str(path)) from None
+        raise
+
+
+@contextlib.contextmanager
 def _temp_file(path):
     """Yields (fd, tmp) of a new private file beside `path`; on success it is given ordinary
     permissions and renamed onto `path`; on any error (or interrupt) it is removed."""
     d, base = _split(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=d)
     try:
-        yield fd, tmp
-        make_readable(tmp)
-        os.replace(tmp, path)
+        with os_errors_name(path, tmp):
+            yield fd, tmp
+            make_readable(tmp)
+            os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
@@ -68,11 +82,12 @@ def atomic_output(path):
     tmp_dir = tempfile.mkdtemp(prefix=f".{base}.", suffix=".tmp", dir=d)
     try:
         tmp = os.path.join(tmp_dir, base)
-        yield tmp
-        if not os.path.isfile(tmp):
-            raise OSError(f"{path}: the writer produced no file")
-        make_readable(tmp)
-        os.replace(tmp, path)
+        with os_errors_name(path, tmp_dir):
+            yield tmp
+            if not os.path.isfile(tmp):
+                raise OSError(f"{path}: the writer produced no file")
+            make_readable(tmp)
+            os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
 

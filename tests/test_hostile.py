@@ -236,6 +236,16 @@ def test_full_disk_names_the_file_and_leaves_nothing(tmp_path, capsys):
         assert os.listdir(full) == []
 
 
+@pytest.mark.parametrize("fmt", ["onnx", "mindir"])
+def test_export_to_a_full_disk_names_the_file(tiny, tmp_path, capsys, fmt):
+    ckpt = tiny_quantized_ckpt(tmp_path / "q.ckpt", tiny)
+    with tmpfs(tmp_path / "full", size="8k") as full:
+        assert export_script.cli(["--ckpt", str(ckpt), "--format", fmt, "--output", str(full / f"m.{fmt}")]) == 1
+        line = one_error_line(capsys)
+        assert f"{full / f'm.{fmt}'}: No space left on device" in line
+        assert os.listdir(full) == []
+
+
 def test_predictions_destination_checked_before_work(tmp_path, capsys):
     assert eval_script.cli(["--output", str(tmp_path / "o"), "--save-predictions", str(tmp_path)]) == 2
     assert "is a folder" in one_error_line(capsys)

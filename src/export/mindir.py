@@ -22,7 +22,7 @@ import tempfile
 
 import numpy as np
 
-from ..utils import make_readable
+from ..utils import make_readable, os_errors_name
 
 MINDIR_FORMAT = "vtptq-mindir-v1"
 USER_INFO_KEY = "vtptq"
@@ -49,7 +49,6 @@ def export_mindir(model, path, batch_size, image_size=None, in_chans=None, model
 
     Written atomically: exported into a temporary folder next to `path`, then renamed; on an
     error nothing is left behind. Returns the metadata dict stored in the file."""
-    import mindspore as ms
     from ..quant.convert import check_calibrated, quant_cells
     path = _check_path(path)
     check_calibrated(quant_cells(model))  # a quantizer off or never calibrated: refused, nothing written
@@ -68,32 +67,40 @@ def export_mindir(model, path, batch_size, image_size=None, in_chans=None, model
 
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    base = os.path.basename(path)
-    stem = base[:-len(".mindir")]
-    tmp_dir = tempfile.mkdtemp(prefix=f".{base}.tmp", dir=directory)
+    tmp_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp", dir=directory)
     try:
-        model.set_train(False)
-        ms.export(model, ms.Tensor(np.zeros(shape, np.float32)), file_name=os.path.join(tmp_dir, stem),
-                  file_format="MINDIR", custom_func=add_user_info)
-        together = os.path.join(tmp_dir, base)
-        split_graph = os.path.join(tmp_dir, f"{stem}_graph.mindir")
-        variables = os.path.join(tmp_dir, f"{stem}_variables")
-        if os.path.isfile(together):
-            produced = together
-        elif os.path.isfile(split_graph) and os.path.isdir(variables):
-            produced = split_graph
-            target = _variables_dir(path)
-            if os.path.isdir(target):
-                shutil.rmtree(target)
-            os.replace(variables, target)
-        else:
-            raise RuntimeError(f"mindspore.export wrote none of the expected files in {tmp_dir}: "
-                               f"{sorted(os.listdir(tmp_dir))}")
-        make_readable(produced)
-        os.replace(produced, path)
+        with os_errors_name(path, tmp_dir):  # a full disk names the .mindir file, not the temporary
+            _export_into(model, shape, add_user_info, tmp_dir, path)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return meta
+
+
+def _export_into(model, shape, add_user_info, tmp_dir, path):
+    """mindspore.export into tmp_dir, then the file (and a split save's variables folder) renamed
+    onto `path`."""
+    import mindspore as ms
+    base = os.path.basename(path)
+    stem = base[:-len(".mindir")]
+    model.set_train(False)
+    ms.export(model, ms.Tensor(np.zeros(shape, np.float32)), file_name=os.path.join(tmp_dir, stem),
+              file_format="MINDIR", custom_func=add_user_info)
+    together = os.path.join(tmp_dir, base)
+    split_graph = os.path.join(tmp_dir, f"{stem}_graph.mindir")
+    variables = os.path.join(tmp_dir, f"{stem}_variables")
+    if os.path.isfile(together):
+        produced = together
+    elif os.path.isfile(split_graph) and os.path.isdir(variables):
+        produced = split_graph
+        target = _variables_dir(path)
+        if os.path.isdir(target):
+            shutil.rmtree(target)
+        os.replace(variables, target)
+    else:
+        raise RuntimeError(f"mindspore.export wrote none of the expected files in {tmp_dir}: "
+                           f"{sorted(os.listdir(tmp_dir))}")
+    make_readable(produced)
+    os.replace(produced, path)
 
 
 def _parse_proto(data, path):
