@@ -13,8 +13,9 @@ Examples:
   python quant.py --config configs/deit_small_easyquant_w6a6.yaml --data /data/imagenet --ckpt deit_small.safetensors
   python eval.py --ckpt outputs/<name>/quantized.ckpt      # re-evaluate the saved quantized model
   msrun --worker_num=2 --local_worker_num=2 --master_port=8118 --join=True quant.py --config CONFIG
-      (data-parallel evaluation; every worker calibrates on the same seeded images and all take
-       rank 0's intervals; rank 0 writes quantized.ckpt and result.json)
+      (data-parallel: each worker calibrates on its shard of the calibration images, the
+       methods combine over workers and get the single-process intervals, each worker evaluates
+       its shard; rank 0 writes quantized.ckpt and result.json)
 """
 import argparse
 import json
@@ -105,7 +106,10 @@ def fp_reference(cfg, dataset, model_fn):
 def main(cfg):
     """Quantize per the resolved config dict; returns the result dict (also OUTPUT/result.json)."""
     from src.data.build import build_eval_dataset, data_description, load_calibration_images
-    from src.distributed import evaluate_sharded, init_distributed, shard_indices, sync_calibration
+    import numpy as np
+    from src.distributed import (all_gather, calibration_shard, calibration_shard_indices, evaluate_sharded,
+                                 gather_counts, init_distributed, shard_indices, sync_calibration)
+    from src.quant.calibrate import METHODS, is_shardable
     from src.engine import build_model, resolve_checkpoint, setup_context
     from src.models import get_data_config
     from src.quant import (calibrate_model, layer_report, model_size_mb, quantize_model,
@@ -135,6 +139,9 @@ def main(cfg):
     setup_context(cfg["device_target"], cfg["mode"], cfg["seed"])
     dist = init_distributed(cfg["device_target"])  # msrun workers: rank, size; else a group of one
     shard_indices(len(dataset), dist.rank, dist.size)  # more workers than images: an error now
+    shardable = is_shardable(METHODS[cfg["method"]])
+    if shardable:
+        calibration_shard_indices(len(calib_images), dist.rank, dist.size)  # also for calibration images
     out = output_dir(cfg, "quant")
     if dist.is_main:
         save_config(cfg, os.path.join(out, "config.yaml"))
@@ -145,12 +152,14 @@ def main(cfg):
 
     t0 = time.time()
     layer_bits, mp_report, mp_target_mb = None, None, None
-    if cfg.get("mixed_precision"):
-        layer_bits, mp_report, mp_target_mb = mixed_precision_bits(cfg, calib_images, lambda: build_model(cfg))
-    model = build_model(cfg)  # a fresh instance: the FP one may hold a compiled graph
-    fp_size = model_size_mb(model, quantized=False)
-    quantize_model(model, cfg, layer_bits)
-    calib_report = calibrate_model(model, calib_images, cfg)
+    with calibration_shard(calib_images, shardable) as my_images:  # under msrun: this rank's shard
+        if cfg.get("mixed_precision"):
+            layer_bits, mp_report, mp_target_mb = mixed_precision_bits(cfg, my_images, lambda: build_model(cfg))
+        model = build_model(cfg)  # a fresh instance: the FP one may hold a compiled graph
+        fp_size = model_size_mb(model, quantized=False)
+        quantize_model(model, cfg, layer_bits)
+        calib_report = calibrate_model(model, my_images, cfg)
+    calib_per_rank = gather_counts(len(my_images))  # the images each rank forwarded
     sync_diff = sync_calibration(model)  # every rank evaluates rank 0's calibration
     calib_seconds = time.time() - t0
     print(f"calibrated in {calib_seconds:.1f}s", flush=True)
@@ -166,12 +175,14 @@ def main(cfg):
               **{k: res[k] for k in EVAL_FIELDS}, "device_target": cfg["device_target"], "mode": cfg["mode"],
               "method": cfg["method"], "w_bits": cfg["w_bits"], "a_bits": cfg["a_bits"],
               "fp_top1": fp["top1"], "fp_top5": fp["top5"], "calib_num": len(calib_images),
+              "calib_shards": dist.size if shardable else 1, "calib_images_per_rank": calib_per_rank,
               "calib_seconds": calib_seconds, "model_size_mb": model_size_mb(model), "fp_model_size_mb": fp_size,
               "quantized_checkpoint": ckpt_path, "layers": layers}
     if mp_report is not None:
         result.update(mp_target=cfg["mp_target"], mp_target_mb=mp_target_mb, mixed_precision=mp_report)
     if dist.enabled:
-        result.update(num_shards=dist.size, calibration_rank_max_diff=sync_diff)
+        result.update(num_shards=dist.size, calibration_rank_max_diff=sync_diff,
+                      calib_seconds_per_rank=[float(v) for v in all_gather(np.array([calib_seconds]))[:, 0]])
     if not dist.is_main:  # rank 0 writes the files
         return result
     atomic_write_json(os.path.join(out, "result.json"), result)

@@ -14,6 +14,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor
 
+from ..distributed import gather_samples, max_over_samples
 from .convert import quant_cells
 from .quantizer import fake_quant_np, init_scale, percentile_scale
 from .search import LayerProblem, candidate_grid, evaluate_pair, keep_heap_memory, score_candidates
@@ -93,9 +94,15 @@ def operand_roles(cell):
 
 # ----------------------------------------------------------------------------- methods
 class Method:
-    """Sets the intervals of one layer from its LayerProblem. Subclasses override calibrate."""
+    """Sets the intervals of one layer from its LayerProblem. Subclasses override calibrate.
+
+    `shardable`: the method reduces over samples only through src/distributed.py
+    (gather_samples, max_over_samples, search.sample_mean), so under msrun each rank may
+    calibrate on its shard of the images. Declared by each class itself, not inherited
+    (see is_shardable): a subclass that adds a reduction over samples must say so."""
 
     name = "base"
+    shardable = False
 
     def __init__(self, qcfg):
         self.qcfg = qcfg
@@ -104,8 +111,9 @@ class Method:
         a_name, b_name = operand_roles(cell)
         a_q, b_q = getattr(cell, f"{a_name}_q"), getattr(cell, f"{b_name}_q")
         per_channel = b_name == "w" and getattr(cell, "per_channel", False)
-        sa = init_scale(problem.a, a_q.bits, a_q.signed)
-        sb = init_scale(problem.b, b_q.bits, b_q.signed, per_channel=per_channel)
+        sa = init_scale(problem.a, a_q.bits, a_q.signed, combine=max_over_samples)
+        sb = init_scale(problem.b, b_q.bits, b_q.signed, per_channel=per_channel,
+                        combine=None if problem.b_shared else max_over_samples)
         return sa, sb
 
     def calibrate(self, cell, problem):
@@ -115,6 +123,7 @@ class Method:
 
 class MinMax(Method):
     name = "minmax"
+    shardable = True
 
     def calibrate(self, cell, problem):
         sa, sb = self.initial_scales(cell, problem)
@@ -123,19 +132,21 @@ class MinMax(Method):
 
 class Percentile(Method):
     """Activation intervals from the `percentile` of |T| over the calibration values; weights
-    keep the max-based interval."""
+    keep the max-based interval. Under a sharded calibration the values of every rank are
+    gathered (exact: the percentile of the same values)."""
 
     name = "percentile"
+    shardable = True
 
     def calibrate(self, cell, problem):
         sa, sb = self.initial_scales(cell, problem)
         a_name, b_name = operand_roles(cell)
         pct = self.qcfg["percentile"]
         a_q = getattr(cell, f"{a_name}_q")
-        sa = percentile_scale(problem.a, a_q.bits, pct, a_q.signed)
+        sa = percentile_scale(gather_samples(problem.a), a_q.bits, pct, a_q.signed)
         if b_name != "w":
             b_q = getattr(cell, f"{b_name}_q")
-            sb = percentile_scale(problem.b, b_q.bits, pct, b_q.signed)
+            sb = percentile_scale(gather_samples(problem.b), b_q.bits, pct, b_q.signed)
         return sa, sb, {}
 
 
@@ -147,6 +158,7 @@ class AlternatingSearch(Method):
     name = "easyquant"
     objective = "cosine"
     stop_early = False
+    shardable = True
 
     def rounds(self):
         return self.qcfg["search_rounds"]
@@ -206,6 +218,12 @@ def register_method(cls):
 def _set_quant(cells, names, on):
     for name in names:
         cells[name].set_quant(weight=on, act=on)
+
+
+def is_shardable(method):
+    """Whether a method (class or instance) declares itself shardable (see Method)."""
+    cls = method if isinstance(method, type) else type(method)
+    return bool(cls.__dict__.get("shardable", False))
 
 
 def get_method(qcfg):

@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 
+from ..distributed import gather_samples
 from .calibrate import _set_quant, calibrate_stage, calibration_session, get_method, run_stage
 from .convert import quant_cells
 
@@ -141,7 +142,7 @@ def search_bits(model, images, qcfg, log=sys.stderr):
                 _, cap = run_stage(blk, x, batch, capture)
                 y_fp = cap[out_cell]
                 feat = cap[attn_map_cell][0] if name.endswith("attn") and attn_map_cell is not None else y_fp
-                sens[name] = float(nuclear_norm(feat).mean())
+                sens[name] = float(gather_samples(nuclear_norm(feat)).mean())  # over every rank's samples
                 params[name] = module_weight_params(model, layers)
                 omega[name] = []
                 for b in bits:
@@ -150,7 +151,8 @@ def search_bits(model, images, qcfg, log=sys.stderr):
                             cells[n].set_bits(op, b)
                     calibrate_stage(method, cells, blk, layers, x, x, batch)
                     _, cap = run_stage(blk, x, batch, {out_cell: "out"})
-                    err = float(((cap[out_cell] - y_fp) ** 2).reshape(len(x), -1).sum(axis=1).mean())
+                    err = ((cap[out_cell] - y_fp) ** 2).reshape(len(x), -1).sum(axis=1)
+                    err = float(gather_samples(err).mean())  # over every rank's samples
                     omega[name].append(sens[name] * err)
                     _set_quant(cells, layers, False)
                 print(f"  {name:20s} sigma {sens[name]:.4g}  omega " +
