@@ -190,12 +190,12 @@ def max_over_samples(value):
 
 
 @contextlib.contextmanager
-def calibration_shard(images, shardable=True, log=sys.stdout):
+def calibration_shard(images, shardable=True, log=None):
     """Yield the calibration images this rank forwards: its contiguous shard under msrun when
     `shardable` (gather_samples / max_over_samples then combine over ranks until the block
     ends), else all of them. Each rank logs its shard (or that the method cannot shard)."""
     global _SHARDED
-    ctx = _CONTEXT
+    ctx, log = _CONTEXT, log or sys.stdout
     if not ctx.enabled:
         yield images
         return
