@@ -141,6 +141,7 @@ def gather_rows(rows, width):
 
 # ----------------------------------------------------------------------------- sharded calibration
 _SHARDED = False  # True while a sharded calibration runs (calibration_shard)
+_SHARD_START = 0  # index of this rank's first calibration image then
 
 
 def _encode_float64(values):
@@ -160,6 +161,12 @@ def _decode_float64(words):
 def sharding_calibration():
     """True while this process calibrates on its shard together with other ranks."""
     return _SHARDED and _CONTEXT.enabled
+
+
+def calibration_offset():
+    """Index of this rank's first calibration image in a sharded calibration (else 0): the
+    calibration forwards its shard in batches cut where one process cuts all the images."""
+    return _SHARD_START if sharding_calibration() else 0
 
 
 def gather_samples(array):
@@ -194,7 +201,7 @@ def calibration_shard(images, shardable=True, log=None):
     """Yield the calibration images this rank forwards: its contiguous shard under msrun when
     `shardable` (gather_samples / max_over_samples then combine over ranks until the block
     ends), else all of them. Each rank logs its shard (or that the method cannot shard)."""
-    global _SHARDED
+    global _SHARDED, _SHARD_START
     ctx, log = _CONTEXT, log or sys.stdout
     if not ctx.enabled:
         yield images
@@ -206,11 +213,11 @@ def calibration_shard(images, shardable=True, log=None):
         return
     idx = calibration_shard_indices(len(images), ctx.rank, ctx.size)
     print(f"calibration shard: images {idx[0]}-{idx[-1]} of {len(images)}", file=log, flush=True)
-    _SHARDED = True
+    _SHARDED, _SHARD_START = True, int(idx[0])
     try:
         yield images[idx[0]:idx[-1] + 1]
     finally:
-        _SHARDED = False
+        _SHARDED, _SHARD_START = False, 0
 
 
 def calibration_shard_indices(num_images, rank, size):

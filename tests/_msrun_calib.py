@@ -35,8 +35,8 @@ class MinMaxUnshardable(MinMax):
 
 
 def config(method, **kw):
-    return dict(defaults(), method=method, w_bits=4, a_bits=4, search_candidates=12, max_rounds=3, search_rounds=2,
-                calib_batch_size=4, **kw)
+    return dict(defaults(), **{"method": method, "w_bits": 4, "a_bits": 4, "search_candidates": 12, "max_rounds": 3,
+                               "search_rounds": 2, "calib_batch_size": 4, **kw})
 
 
 def run(out, num, methods, mp):
@@ -53,8 +53,8 @@ def run(out, num, methods, mp):
         saved[method] = calibration_state(model)
         counts[method] = gather_counts(len(mine))
     if mp:
-        cfg = config("vtptq", mixed_precision=True, mp_target="4MP")
-        model = randomize(VisionTransformer(**TINY), seed=0)
+        cfg = config("vtptq", mixed_precision=True, mp_target="4MP", mp_min_bits=4, max_rounds=1)
+        model = randomize(VisionTransformer(**dict(TINY, depth=1)), seed=0)  # 2 modules, widths 4, 5, 6
         quantize_model(model, cfg)
         with calibration_shard(images, True) as mine:
             report = search_bits(model, mine, cfg, log=io.StringIO())

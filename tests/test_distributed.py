@@ -23,7 +23,7 @@ from src.distributed import (DistContext, calibration_shard, calibration_shard_i
 from src.engine import evaluate, predict
 from src.models import create_model, get_data_config
 from src.quant import METHODS, calibrate_model, quantize_model, set_quant_mode
-from src.quant.calibrate import AlternatingSearch, is_shardable
+from src.quant.calibrate import AlternatingSearch, batch_bounds, is_shardable
 
 from _helpers import randomize
 
@@ -210,6 +210,17 @@ def test_calibration_shard_yields_this_ranks_images(monkeypatch, capsys):
         assert distributed.sharding_calibration()
     assert not distributed.sharding_calibration()
     assert capsys.readouterr().out == "calibration shard: images 4-8 of 9\n"
+
+
+@pytest.mark.parametrize("n,batch,size", [(64, 32, 2), (101, 32, 2), (9, 4, 2), (10, 3, 4)])
+def test_shard_batches_are_cut_where_one_process_cuts(n, batch, size):
+    whole = {a for a, _ in batch_bounds(n, batch)} | {n}
+    got, edges = set(), {0, n}
+    for r in range(size):
+        idx = shard_indices(n, r, size)
+        got |= {int(idx[0]) + a for a, _ in batch_bounds(len(idx), batch, int(idx[0]))} | {int(idx[-1]) + 1}
+        edges.add(int(idx[0]))
+    assert got == whole | edges  # the single-process cuts, plus the shard boundaries only
 
 
 def test_more_workers_than_calibration_images_is_an_error():

@@ -14,7 +14,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor
 
-from ..distributed import gather_samples, max_over_samples
+from ..distributed import calibration_offset, gather_samples, max_over_samples
 from .convert import quant_cells
 from .quantizer import fake_quant_np, init_scale, percentile_scale
 from .search import LayerProblem, candidate_grid, evaluate_pair, keep_heap_memory, score_candidates
@@ -35,9 +35,19 @@ def model_stages(model):
     return stages
 
 
+def batch_bounds(n, batch_size, offset=0):
+    """[(start, stop)] of the batches of n images that begin at image `offset` of the whole
+    set, cut where a single process cuts the whole set (a shard's first and last batch may be
+    partial)."""
+    first = (-offset) % batch_size or batch_size
+    cuts = [0] + list(range(first, n, batch_size)) + [n]
+    return [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
+
+
 def run_stage(fn, x, batch_size, capture=None):
     """Apply a stage to numpy x in batches. capture: {cell: 'in' | 'out'} -> captured numpy
-    arrays (a tuple of inputs, or the output) concatenated over batches."""
+    arrays (a tuple of inputs, or the output) concatenated over batches. Under a sharded
+    calibration x is this rank's shard, batched as in one process (batch_bounds)."""
     capture = capture or {}
     store = {cell: [] for cell in capture}
     handles = []
@@ -50,8 +60,8 @@ def run_stage(fn, x, batch_size, capture=None):
         handles.append(cell.register_forward_hook(hook))
     outs = []
     try:
-        for i in range(0, len(x), batch_size):
-            outs.append(fn(Tensor(x[i:i + batch_size])).asnumpy())
+        for i, j in batch_bounds(len(x), batch_size, calibration_offset()):
+            outs.append(fn(Tensor(x[i:j])).asnumpy())
     finally:
         for h in handles:
             h.remove()
