@@ -317,7 +317,7 @@ def test_msrun_eval_equals_single_process(tmp_path):
 
 def test_msrun_quant_equals_single_process(tmp_path):
     args = ["--config", "configs/deit_fmnist_minmax_w8a8.yaml", "--max-images", N_IMAGES, "--calib-num", 32,
-            "--batch-size", 32]
+            "--batch-size", 32, "--calib-batch-size", 16]  # shards of 16 images: one batch each, as in one process
     single("quant.py", args + ["--output", tmp_path / "one"])
     rc, logs = msrun(2, "quant.py", args + ["--output", tmp_path / "two"], tmp_path / "logs")
     assert rc == 0, logs[-3000:]
@@ -325,6 +325,9 @@ def test_msrun_quant_equals_single_process(tmp_path):
     for key in ("num_images", "top1", "top5", "fp_top1", "fp_top5", "model_size_mb"):
         assert one[key] == two[key], key
     assert two["num_shards"] == 2 and two["calibration_rank_max_diff"] == 0.0
+    assert (one["calib_shards"], one["calib_images_per_rank"]) == (1, [32])
+    assert (two["calib_shards"], two["calib_images_per_rank"]) == (2, [16, 16])
+    assert "calibration shard: images 0-15 of 32" in logs and "calibration shard: images 16-31 of 32" in logs
     for name, layer in one["layers"].items():
         for op in ("w", "a", "b"):
             if op in layer:
@@ -339,6 +342,16 @@ def test_msrun_with_more_workers_than_images_fails_cleanly(tmp_path):
     assert errors == {"error: 2 workers for 1 images: every worker needs at least one image; launch at most 1 "
                       "workers"}, logs[-2000:]
     assert not os.path.exists(tmp_path / "out" / "result.json")
+
+
+def test_msrun_with_more_workers_than_calibration_images_fails_cleanly(tmp_path):
+    rc, logs = msrun(2, "quant.py", ["--calib-num", 1, "--max-images", 10, "--output", tmp_path / "out"],
+                     tmp_path / "logs")
+    assert rc != 0
+    errors = {ln for ln in logs.splitlines() if ln.startswith("error:")}
+    assert errors == {"error: calib_num is 1: 2 workers need at least one calibration image each; launch at most 1 "
+                      "workers or raise calib_num"}, logs[-2000:]
+    assert "full precision" not in logs and not os.path.exists(tmp_path / "out" / "result.json")
 
 
 def test_missing_communication_backend_is_one_line(tmp_path):
