@@ -148,12 +148,13 @@ def _encode_float64(values):
     """float64 (n, m) -> float32 (n, 4m): the 64 bits of each value as four 16-bit integers."""
     bits = np.ascontiguousarray(values, np.float64).view(np.uint64)
     words = np.stack([(bits >> np.uint64(s)) & np.uint64(0xFFFF) for s in (48, 32, 16, 0)], axis=-1)
-    return words.reshape(len(bits), -1).astype(np.float32)
+    return words.reshape(len(bits), 4 * bits.shape[1]).astype(np.float32)
 
 
 def _decode_float64(words):
     """Inverse of _encode_float64."""
-    w = np.rint(np.asarray(words, np.float64)).astype(np.uint64).reshape(len(words), -1, 4)
+    words = np.asarray(words, np.float64)
+    w = np.rint(words).astype(np.uint64).reshape(len(words), words.shape[1] // 4, 4)
     bits = (w[..., 0] << np.uint64(48)) | (w[..., 1] << np.uint64(32)) | (w[..., 2] << np.uint64(16)) | w[..., 3]
     return bits.view(np.float64)
 
@@ -179,10 +180,9 @@ def gather_samples(array):
     if not sharding_calibration():
         return a
     dtype, tail = a.dtype, a.shape[1:]
-    flat = a.reshape(len(a), -1)
+    flat = a.reshape(len(a), int(np.prod(tail, dtype=np.int64)))
     rows = _encode_float64(flat) if dtype == np.float64 else flat.astype(np.float32)
-    width = rows.shape[1] if rows.ndim == 2 else 0
-    table = gather_rows(rows, width) if width else np.zeros((int(all_sum([len(a)])[0]), 0), np.float32)
+    table = gather_rows(rows, rows.shape[1])
     out = _decode_float64(table) if dtype == np.float64 else table.astype(dtype)
     return out.reshape((len(table),) + tail)
 
