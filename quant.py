@@ -140,6 +140,9 @@ def main(cfg):
     dist = init_distributed(cfg["device_target"])  # msrun workers: rank, size; else a group of one
     shard_indices(len(dataset), dist.rank, dist.size)  # more workers than images: an error now
     shardable = is_shardable(METHODS[cfg["method"]])
+    if cfg.get("mixed_precision"):
+        from src.quant.mixed_precision import is_shardable as mp_shardable
+        shardable = shardable and mp_shardable(cfg)
     if shardable:
         calibration_shard_indices(len(calib_images), dist.rank, dist.size)  # also for calibration images
     out = output_dir(cfg, "quant")
