@@ -144,7 +144,7 @@ def main(cfg):
         from src.quant.mixed_precision import is_shardable as mp_shardable
         shardable = shardable and mp_shardable(cfg)
     if shardable:
-        calibration_shard_indices(len(calib_images), dist.rank, dist.size)  # also for calibration images
+        calibration_shard_indices(cfg["calib_num"], dist.rank, dist.size)  # and of calibration images
     out = output_dir(cfg, "quant")
     if dist.is_main:
         save_config(cfg, os.path.join(out, "config.yaml"))
