@@ -234,6 +234,9 @@ def test_shardable_is_declared_per_class():
     class Derived(AlternatingSearch):  # may reduce over samples in its own way: not shardable unless it says so
         name = "derived"
     assert not is_shardable(Derived) and not is_shardable(Derived(defaults()))
+    from src.quant import mixed_precision
+    assert mixed_precision.is_shardable(defaults()) and mixed_precision.is_shardable({"mp_criterion": "paper"})
+    assert not mixed_precision.is_shardable({"mp_criterion": "another"})
 
 
 def test_msrun_sharded_calibration_equals_single_process(tmp_path):
