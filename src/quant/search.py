@@ -121,10 +121,10 @@ class LayerProblem:
     def sample_step(self, num_candidates):
         return max(1, CHUNK_ELEMS // max(1, num_candidates * self.out_elems))
 
-    def sample_chunks(self, num_candidates, n=None):
-        n, step = self.n if n is None else n, self.sample_step(num_candidates)
-        for i in range(0, n, step):
-            yield slice(i, min(n, i + step))
+    def sample_chunks(self, num_candidates):
+        step = self.sample_step(num_candidates)
+        for i in range(0, self.n, step):
+            yield slice(i, min(self.n, i + step))
 
 
 def sample_mean(per_sample, steps):
