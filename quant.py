@@ -13,8 +13,9 @@ Examples:
   python quant.py --config configs/deit_small_easyquant_w6a6.yaml --data /data/imagenet --ckpt deit_small.safetensors
   python eval.py --ckpt outputs/<name>/quantized.ckpt      # re-evaluate the saved quantized model
   msrun --worker_num=2 --local_worker_num=2 --master_port=8118 --join=True quant.py --config CONFIG
-      (data-parallel evaluation; every worker calibrates on the same seeded images and all take
-       rank 0's intervals; rank 0 writes quantized.ckpt and result.json)
+      (data-parallel: each worker calibrates on its shard of the calibration images, the
+       methods combine over workers and get the single-process intervals, each worker evaluates
+       its shard; rank 0 writes quantized.ckpt and result.json)
 """
 import argparse
 import json
@@ -100,9 +101,10 @@ def fp_reference(cfg, dataset, model_fn):
 def main(cfg):
     """Quantize per the resolved config dict; returns the result dict (also OUTPUT/result.json)."""
     from src.data.build import build_eval_dataset, load_calibration_images
-    from src.distributed import init_distributed, shard_indices
+    from src.distributed import calibration_shard_indices, init_distributed, shard_indices
     from src.engine import quantized_checkpoint_model, setup_context
     from src.models import get_data_config
+    from src.quant.calibrate import METHODS, is_shardable
     from src.utils import RunOutput
 
     check_config(cfg)  # also for configs built in code (run_embedded_suite, benchmarks)
@@ -127,18 +129,25 @@ def main(cfg):
     data_cfg = get_data_config(cfg["model"])
     dataset = build_eval_dataset(cfg, data_cfg)
     shard_indices(len(dataset), dist.rank, dist.size)  # more workers than images: an error now
+    shardable = is_shardable(METHODS[cfg["method"]])
+    if cfg.get("mixed_precision"):
+        from src.quant.mixed_precision import is_shardable as mp_shardable
+        shardable = shardable and mp_shardable(cfg)
+    if shardable:
+        calibration_shard_indices(cfg["calib_num"], dist.rank, dist.size)  # and of calibration images
     # the run is written into a new folder beside OUTPUT and swapped in when it ends well
     # (rank 0 only); a failure leaves OUTPUT as it was (src.utils.RunOutput)
     with RunOutput(output_dir(cfg, "quant"), enabled=dist.is_main) as out:
         calib_images = load_calibration_images(cfg, data_cfg)
-        return _quantize(cfg, dataset, calib_images, dist, out)
+        return _quantize(cfg, dataset, calib_images, shardable, dist, out)
 
 
-def _quantize(cfg, dataset, calib_images, dist, out):
-    """The work of main() once everything is checked: FP reference, calibration, checkpoint,
-    quantized evaluation; files go to `out` (a RunOutput)."""
-    from src.distributed import evaluate_sharded, sync_calibration
+def _quantize(cfg, dataset, calib_images, shardable, dist, out):
+    """The work of main() once everything is checked: FP reference, calibration (of this rank's
+    shard when `shardable`), checkpoint, quantized evaluation; files go to `out` (a RunOutput)."""
+    import numpy as np
     from src.data.build import data_description
+    from src.distributed import all_gather, calibration_shard, evaluate_sharded, gather_counts, sync_calibration
     from src.engine import build_model, resolve_checkpoint
     from src.quant import calibrate_model, layer_report, model_size_mb, quantize_model, save_quantized_checkpoint
     from src.utils import atomic_write_json
@@ -151,12 +160,14 @@ def _quantize(cfg, dataset, calib_images, dist, out):
 
     t0 = time.time()
     layer_bits, mp_report, mp_target_mb = None, None, None
-    if cfg.get("mixed_precision"):
-        layer_bits, mp_report, mp_target_mb = mixed_precision_bits(cfg, calib_images, lambda: build_model(cfg))
-    model = build_model(cfg)  # a fresh instance: the FP one may hold a compiled graph
-    fp_size = model_size_mb(model, quantized=False)
-    quantize_model(model, cfg, layer_bits)
-    calib_report = calibrate_model(model, calib_images, cfg)
+    with calibration_shard(calib_images, shardable) as my_images:  # under msrun: this rank's shard
+        if cfg.get("mixed_precision"):
+            layer_bits, mp_report, mp_target_mb = mixed_precision_bits(cfg, my_images, lambda: build_model(cfg))
+        model = build_model(cfg)  # a fresh instance: the FP one may hold a compiled graph
+        fp_size = model_size_mb(model, quantized=False)
+        quantize_model(model, cfg, layer_bits)
+        calib_report = calibrate_model(model, my_images, cfg)
+    calib_per_rank = gather_counts(len(my_images))  # the images each rank forwarded
     sync_diff = sync_calibration(model)  # every rank evaluates rank 0's calibration
     calib_seconds = time.time() - t0
     print(f"calibrated in {calib_seconds:.1f}s", flush=True)
@@ -172,12 +183,14 @@ def _quantize(cfg, dataset, calib_images, dist, out):
               **{k: res[k] for k in EVAL_FIELDS}, "device_target": cfg["device_target"], "mode": cfg["mode"],
               "method": cfg["method"], "w_bits": cfg["w_bits"], "a_bits": cfg["a_bits"],
               "fp_top1": fp["top1"], "fp_top5": fp["top5"], "calib_num": len(calib_images),
+              "calib_shards": dist.size if shardable else 1, "calib_images_per_rank": calib_per_rank,
               "calib_seconds": calib_seconds, "model_size_mb": model_size_mb(model), "fp_model_size_mb": fp_size,
               "quantized_checkpoint": ckpt_path, "layers": layers}
     if mp_report is not None:
         result.update(mp_target=cfg["mp_target"], mp_target_mb=mp_target_mb, mixed_precision=mp_report)
     if dist.enabled:
-        result.update(num_shards=dist.size, calibration_rank_max_diff=sync_diff)
+        result.update(num_shards=dist.size, calibration_rank_max_diff=sync_diff,
+                      calib_seconds_per_rank=[float(v) for v in all_gather(np.array([calib_seconds]))[:, 0]])
     if not dist.is_main:  # rank 0 writes the files
         return result
     atomic_write_json(out.path("result.json"), result)

@@ -9,14 +9,24 @@ touches mindspore.communication. Each worker evaluates a contiguous shard of the
 out); counts are combined with AllReduce and predictions with AllGather, so top-1/top-5 are
 those of a single-process run whatever the number of workers. Rank 0 alone writes files.
 
-Calibration: every worker calibrates on the same seeded images (the results are
-deterministic), then every worker takes rank 0's calibration state (bits, intervals and
+Calibration (`calibration_shard`): with a method that can shard (`Method.shardable`), each
+worker forwards only its contiguous shard of the calibration images, and every quantity
+that a method reduces over samples goes through `gather_samples` (concatenate a per-sample
+array over ranks in rank order) or `max_over_samples`; every rank then reduces the gathered
+values in the single-process order, so the intervals equal the single-process ones (bit
+for bit on CPU, where a forward pass of 64 images equals two of 32). Outside a sharded
+calibration, and in a single process, both are the identity, so the single-process path is
+the one-rank case of the same code. A method that cannot shard calibrates on all images on
+every rank. Afterwards every rank takes rank 0's calibration state (bits, intervals and
 corrected biases, `sync_calibration`), so all ranks evaluate the same quantized model even if
-a kernel were to round differently in another process.
+a kernel were to round differently in another process (`calibration_rank_max_diff`).
 
-MindSpore's CPU collectives reduce float32 only (AllReduce: sum only), so integers travel as
-float32 (exact below 2^24) and maxima are taken from an AllGather.
+MindSpore's CPU collectives carry float32 only and reduce float32 by sum only, so
+everything travels through AllGather: integers as float32 (exact below 2^24), maxima taken
+from the gathered values, float64 values as four float32 words of 16 bits each (exact,
+and never a NaN or denormal pattern a device might alter).
 """
+import contextlib
 import os
 import sys
 
@@ -127,6 +137,102 @@ def gather_rows(rows, width):
     padded[:len(rows)] = rows
     table = all_gather(padded)
     return np.concatenate([table[r, :counts[r]] for r in range(len(counts))])
+
+
+# ----------------------------------------------------------------------------- sharded calibration
+_SHARDED = False  # True while a sharded calibration runs (calibration_shard)
+_SHARD_START = 0  # index of this rank's first calibration image then
+
+
+def _encode_float64(values):
+    """float64 (n, m) -> float32 (n, 4m): the 64 bits of each value as four 16-bit integers."""
+    bits = np.ascontiguousarray(values, np.float64).view(np.uint64)
+    words = np.stack([(bits >> np.uint64(s)) & np.uint64(0xFFFF) for s in (48, 32, 16, 0)], axis=-1)
+    return words.reshape(len(bits), 4 * bits.shape[1]).astype(np.float32)
+
+
+def _decode_float64(words):
+    """Inverse of _encode_float64."""
+    words = np.asarray(words, np.float64)
+    w = np.rint(words).astype(np.uint64).reshape(len(words), words.shape[1] // 4, 4)
+    bits = (w[..., 0] << np.uint64(48)) | (w[..., 1] << np.uint64(32)) | (w[..., 2] << np.uint64(16)) | w[..., 3]
+    return bits.view(np.float64)
+
+
+def sharding_calibration():
+    """True while this process calibrates on its shard together with other ranks."""
+    return _SHARDED and _CONTEXT.enabled
+
+
+def calibration_offset():
+    """Index of this rank's first calibration image in a sharded calibration (else 0): the
+    calibration forwards its shard in batches cut where one process cuts all the images."""
+    return _SHARD_START if sharding_calibration() else 0
+
+
+def gather_samples(array):
+    """Concatenate a per-sample array (axis 0 = samples; same trailing shape and dtype on every
+    rank, any number of samples) over the ranks of a sharded calibration, in rank order: the
+    array a single process would have computed on all the images. float64 travels bit-exactly
+    (four 16-bit words per value), anything else as float32 (ints exact below 2^24, float32
+    as is). The identity outside a sharded calibration."""
+    a = np.asarray(array)
+    if not sharding_calibration():
+        return a
+    dtype, tail = a.dtype, a.shape[1:]
+    flat = a.reshape(len(a), int(np.prod(tail, dtype=np.int64)))
+    rows = _encode_float64(flat) if dtype == np.float64 else flat.astype(np.float32)
+    table = gather_rows(rows, rows.shape[1])
+    out = _decode_float64(table) if dtype == np.float64 else table.astype(dtype)
+    return out.reshape((len(table),) + tail)
+
+
+def max_over_samples(value):
+    """Elementwise maximum over the ranks of a sharded calibration of a float32 array (this
+    rank's maximum over its samples); exact. The identity outside a sharded calibration."""
+    v = np.asarray(value, np.float32)
+    if not sharding_calibration():
+        return v
+    return all_gather(v).max(axis=0)
+
+
+@contextlib.contextmanager
+def calibration_shard(images, shardable=True, log=None):
+    """Yield the calibration images this rank forwards: its contiguous shard under msrun when
+    `shardable` (gather_samples / max_over_samples then combine over ranks until the block
+    ends), else all of them. Each rank logs its shard (or that the method cannot shard)."""
+    global _SHARDED, _SHARD_START
+    ctx, log = _CONTEXT, log or sys.stdout
+    if not ctx.enabled:
+        yield images
+        return
+    if not shardable:
+        print("calibration shard: this method cannot shard its calibration yet; every rank calibrates on all "
+              f"{len(images)} images", file=log, flush=True)
+        yield images
+        return
+    idx = calibration_shard_indices(len(images), ctx.rank, ctx.size)
+    print(f"calibration shard: images {idx[0]}-{idx[-1]} of {len(images)}", file=log, flush=True)
+    _SHARDED, _SHARD_START = True, int(idx[0])
+    try:
+        yield images[idx[0]:idx[-1] + 1]
+    finally:
+        _SHARDED, _SHARD_START = False, 0
+
+
+def calibration_shard_indices(num_images, rank, size):
+    """shard_indices for calibration images; more workers than images is a ValueError."""
+    if size > num_images:
+        raise ValueError(f"calib_num is {num_images}: {size} workers need at least one calibration image each; "
+                         f"launch at most {num_images} workers or raise calib_num")
+    return shard_indices(num_images, rank, size)
+
+
+def gather_counts(count):
+    """[count of rank 0, count of rank 1, ...] (a non-negative integer per rank); [count] in a single process."""
+    if not _CONTEXT.enabled:
+        return [int(count)]
+    return [int(c) for c in np.rint(all_gather(np.array([count], np.float32))[:, 0])]
 
 
 def evaluate_sharded(model, dataset, batch_size, num_workers=2, keep_predictions=False, desc="eval"):

@@ -17,17 +17,20 @@ import mindspore as ms
 from src import distributed
 from src.config import defaults
 from src.data.build import build_eval_dataset
-from src.distributed import (DistContext, calibration_state, dataset_names, evaluate_sharded, gather_rows,
+from src.distributed import (DistContext, calibration_shard, calibration_shard_indices, calibration_state,
+                             dataset_names, evaluate_sharded, gather_rows, gather_samples, max_over_samples,
                              shard_indices, sync_calibration)
 from src.engine import evaluate, predict
 from src.models import create_model, get_data_config
-from src.quant import calibrate_model, quantize_model, set_quant_mode
+from src.quant import METHODS, calibrate_model, quantize_model, set_quant_mode
+from src.quant.calibrate import AlternatingSearch, batch_bounds, is_shardable
 
 from _helpers import randomize
 
 ms.set_device("CPU")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_IMAGES = 101  # odd: the two shards differ in size
+N_CALIB = 9  # calibration images of the sharded-calibration test: shards of 4 and 5
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -139,6 +142,121 @@ def test_sharded_evaluation_matches_whole_evaluation():
     assert dataset_names(data)[:2] == ["test/0", "test/1"]
 
 
+# ----------------------------------------------------------------------------- sharded calibration
+
+def test_float64_travels_bit_exactly():
+    rng = np.random.default_rng(0)
+    bits = rng.integers(0, 2 ** 63, size=(50, 3), dtype=np.int64).astype(np.uint64) * np.uint64(2)
+    special = np.array([np.nan, np.inf, -np.inf, -0.0, 5e-324, 1.0, -1e308, np.pi], np.float64)
+    values = np.concatenate([bits.view(np.float64).ravel(), special]).reshape(-1, 2)
+    words = distributed._encode_float64(values)
+    assert words.dtype == np.float32 and words.shape == (len(values), 8)
+    assert np.all((words >= 0) & (words <= 0xFFFF) & (words == np.rint(words)))  # plain small integers
+    np.testing.assert_array_equal(distributed._decode_float64(words).view(np.uint64), values.view(np.uint64))
+
+
+def fake_gather_samples(monkeypatch, rank, theirs):
+    """Pretend to be `rank` of 2 in a sharded calibration, the other rank holding `theirs`."""
+    def other(a):  # the other rank's answer to the same collective: its count, or its padded rows
+        if a.shape == (1,):
+            return np.array([len(theirs)], np.float32)
+        rows = theirs.reshape(len(theirs), -1)
+        encoded = a.shape[-1] == 4 * rows.shape[1]  # float64 travels as 4 words per value
+        rows = distributed._encode_float64(rows) if encoded else rows.astype(np.float32)
+        out = np.zeros_like(a)
+        out[:len(rows)] = rows
+        return out
+    fake_two_ranks(monkeypatch, rank, other)
+    monkeypatch.setattr(distributed, "_SHARDED", True)
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_gather_samples_concatenates_in_rank_order(monkeypatch, rank):
+    rng = np.random.default_rng(rank)
+    mine, theirs = rng.standard_normal((3, 2, 2)), rng.standard_normal((5, 2, 2))
+    fake_gather_samples(monkeypatch, rank, theirs)
+    both = gather_samples(mine)
+    want = np.concatenate([mine, theirs] if rank == 0 else [theirs, mine])
+    assert both.dtype == np.float64 and both.shape == (8, 2, 2)
+    np.testing.assert_array_equal(both.view(np.uint64), want.view(np.uint64))  # bit for bit
+    f32 = gather_samples(mine.astype(np.float32))  # float32 travels as is
+    assert f32.dtype == np.float32
+    np.testing.assert_array_equal(f32, want.astype(np.float32))
+
+
+def test_max_over_samples_takes_the_largest_of_the_ranks(monkeypatch):
+    fake_two_ranks(monkeypatch, 1, lambda a: np.full_like(a, 2.5))
+    monkeypatch.setattr(distributed, "_SHARDED", True)
+    np.testing.assert_array_equal(max_over_samples(np.array([1.0, 3.0], np.float32)), [2.5, 3.0])
+
+
+def test_combination_is_the_identity_outside_a_sharded_calibration(monkeypatch):
+    def no_collective(a):
+        raise AssertionError("no collective outside a sharded calibration")
+    monkeypatch.setattr(distributed, "_CONTEXT", DistContext(1, 2))
+    monkeypatch.setattr(distributed, "all_gather", no_collective)
+    x = np.arange(6, dtype=np.float64).reshape(3, 2)
+    assert gather_samples(x) is x or np.array_equal(gather_samples(x), x)
+    np.testing.assert_array_equal(max_over_samples(np.float32(2)), 2)
+    with calibration_shard(x, shardable=False, log=open(os.devnull, "w")) as mine:  # all images, no gather
+        assert mine is x and not distributed.sharding_calibration()
+
+
+def test_calibration_shard_yields_this_ranks_images(monkeypatch, capsys):
+    monkeypatch.setattr(distributed, "_CONTEXT", DistContext(1, 2))
+    x = np.arange(9)
+    with calibration_shard(x) as mine:
+        np.testing.assert_array_equal(mine, [4, 5, 6, 7, 8])
+        assert distributed.sharding_calibration()
+    assert not distributed.sharding_calibration()
+    assert capsys.readouterr().out == "calibration shard: images 4-8 of 9\n"
+
+
+@pytest.mark.parametrize("n,batch,size", [(64, 32, 2), (101, 32, 2), (9, 4, 2), (10, 3, 4)])
+def test_shard_batches_are_cut_where_one_process_cuts(n, batch, size):
+    whole = {a for a, _ in batch_bounds(n, batch)} | {n}
+    got, edges = set(), {0, n}
+    for r in range(size):
+        idx = shard_indices(n, r, size)
+        got |= {int(idx[0]) + a for a, _ in batch_bounds(len(idx), batch, int(idx[0]))} | {int(idx[-1]) + 1}
+        edges.add(int(idx[0]))
+    assert got == whole | edges  # the single-process cuts, plus the shard boundaries only
+
+
+def test_more_workers_than_calibration_images_is_an_error():
+    with pytest.raises(ValueError, match="calib_num is 2: 3 workers need at least one calibration image each"):
+        calibration_shard_indices(2, 0, 3)
+
+
+def test_shardable_is_declared_per_class():
+    assert all(is_shardable(METHODS[m]) for m in ("minmax", "percentile", "easyquant", "vtptq"))
+
+    class Derived(AlternatingSearch):  # may reduce over samples in its own way: not shardable unless it says so
+        name = "derived"
+    assert not is_shardable(Derived) and not is_shardable(Derived(defaults()))
+    from src.quant import mixed_precision
+    assert mixed_precision.is_shardable(defaults()) and mixed_precision.is_shardable({"mp_criterion": "paper"})
+    assert not mixed_precision.is_shardable({"mp_criterion": "another"})
+
+
+def test_msrun_sharded_calibration_equals_single_process(tmp_path):
+    """Each of 2 msrun workers calibrates a tiny ViT on its shard (4 and 5 of 9 images); every
+    method, and the mixed-precision search, gives the single-process intervals bit for bit."""
+    methods = "minmax,percentile,easyquant,vtptq,minmax_unshardable"
+    single("tests/_msrun_calib.py", [tmp_path / "one.npz", N_CALIB, methods, "--mp"])
+    rc, logs = msrun(2, "tests/_msrun_calib.py", [tmp_path / "two.npz", N_CALIB, methods, "--mp"], tmp_path / "logs")
+    assert rc == 0, logs[-3000:]
+    one, two = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
+    for key in methods.split(",") + ["mp_omega", "mp_sensitivity"]:
+        np.testing.assert_array_equal(two[key], one[key], err_msg=key)
+    c1, c2 = json.loads(str(one["counts"])), json.loads(str(two["counts"]))
+    assert c1["vtptq"] == [N_CALIB] and c2["vtptq"] == c2["minmax"] == c2["percentile"] == [4, 5]
+    assert c2["minmax_unshardable"] == [N_CALIB, N_CALIB]  # cannot shard: all images on every rank
+    assert c1["mp_modules"] == c2["mp_modules"]
+    assert "calibration shard: images 0-3 of 9" in logs and "calibration shard: images 4-8 of 9" in logs
+    assert "this method cannot shard its calibration yet; every rank calibrates on all 9 images" in logs
+
+
 # ----------------------------------------------------------------------------- calibration sync
 
 def tiny_calibrated(seed_images, bits=8, corr=None):
@@ -202,7 +320,7 @@ def test_msrun_eval_equals_single_process(tmp_path):
 
 def test_msrun_quant_equals_single_process(tmp_path):
     args = ["--config", "configs/deit_fmnist_minmax_w8a8.yaml", "--max-images", N_IMAGES, "--calib-num", 32,
-            "--batch-size", 32]
+            "--batch-size", 32, "--calib-batch-size", 16]  # shards of 16 images: one batch each, as in one process
     single("quant.py", args + ["--output", tmp_path / "one"])
     rc, logs = msrun(2, "quant.py", args + ["--output", tmp_path / "two"], tmp_path / "logs")
     assert rc == 0, logs[-3000:]
@@ -210,6 +328,9 @@ def test_msrun_quant_equals_single_process(tmp_path):
     for key in ("num_images", "top1", "top5", "fp_top1", "fp_top5", "model_size_mb"):
         assert one[key] == two[key], key
     assert two["num_shards"] == 2 and two["calibration_rank_max_diff"] == 0.0
+    assert (one["calib_shards"], one["calib_images_per_rank"]) == (1, [32])
+    assert (two["calib_shards"], two["calib_images_per_rank"]) == (2, [16, 16])
+    assert "calibration shard: images 0-15 of 32" in logs and "calibration shard: images 16-31 of 32" in logs
     for name, layer in one["layers"].items():
         for op in ("w", "a", "b"):
             if op in layer:
@@ -224,6 +345,16 @@ def test_msrun_with_more_workers_than_images_fails_cleanly(tmp_path):
     assert errors == {"error: 2 workers for 1 images: every worker needs at least one image; launch at most 1 "
                       "workers"}, logs[-2000:]
     assert not os.path.exists(tmp_path / "out" / "result.json")
+
+
+def test_msrun_with_more_workers_than_calibration_images_fails_cleanly(tmp_path):
+    rc, logs = msrun(2, "quant.py", ["--calib-num", 1, "--max-images", 10, "--output", tmp_path / "out"],
+                     tmp_path / "logs")
+    assert rc != 0
+    errors = {ln for ln in logs.splitlines() if ln.startswith("error:")}
+    assert errors == {"error: calib_num is 1: 2 workers need at least one calibration image each; launch at most 1 "
+                      "workers or raise calib_num"}, logs[-2000:]
+    assert "full precision" not in logs and not os.path.exists(tmp_path / "out" / "result.json")
 
 
 def test_missing_communication_backend_is_one_line(tmp_path):

@@ -14,6 +14,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor
 
+from ..distributed import calibration_offset, gather_samples, max_over_samples
 from ..utils import check_interrupted
 from .convert import quant_cells
 from .quantizer import fake_quant_np, init_scale, percentile_scale
@@ -35,9 +36,19 @@ def model_stages(model):
     return stages
 
 
+def batch_bounds(n, batch_size, offset=0):
+    """[(start, stop)] of the batches of n images that begin at image `offset` of the whole
+    set, cut where a single process cuts the whole set (a shard's first and last batch may be
+    partial)."""
+    first = (-offset) % batch_size or batch_size
+    cuts = [0] + list(range(first, n, batch_size)) + [n]
+    return [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
+
+
 def run_stage(fn, x, batch_size, capture=None):
     """Apply a stage to numpy x in batches. capture: {cell: 'in' | 'out'} -> captured numpy
-    arrays (a tuple of inputs, or the output) concatenated over batches."""
+    arrays (a tuple of inputs, or the output) concatenated over batches. Under a sharded
+    calibration x is this rank's shard, batched as in one process (batch_bounds)."""
     capture = capture or {}
     store = {cell: [] for cell in capture}
     handles = []
@@ -50,9 +61,9 @@ def run_stage(fn, x, batch_size, capture=None):
         handles.append(cell.register_forward_hook(hook))
     outs = []
     try:
-        for i in range(0, len(x), batch_size):
+        for i, j in batch_bounds(len(x), batch_size, calibration_offset()):
             check_interrupted()
-            outs.append(fn(Tensor(x[i:i + batch_size])).asnumpy())
+            outs.append(fn(Tensor(x[i:j])).asnumpy())
     finally:
         for h in handles:
             h.remove()
@@ -98,9 +109,15 @@ def operand_roles(cell):
 
 # ----------------------------------------------------------------------------- methods
 class Method:
-    """Sets the intervals of one layer from its LayerProblem. Subclasses override calibrate."""
+    """Sets the intervals of one layer from its LayerProblem. Subclasses override calibrate.
+
+    `shardable`: the method reduces over samples only through src/distributed.py
+    (gather_samples, max_over_samples, search.sample_mean), so under msrun each rank may
+    calibrate on its shard of the images. Declared by each class itself, not inherited
+    (see is_shardable): a subclass that adds a reduction over samples must say so."""
 
     name = "base"
+    shardable = False
 
     def __init__(self, qcfg):
         self.qcfg = qcfg
@@ -109,8 +126,9 @@ class Method:
         a_name, b_name = operand_roles(cell)
         a_q, b_q = getattr(cell, f"{a_name}_q"), getattr(cell, f"{b_name}_q")
         per_channel = b_name == "w" and getattr(cell, "per_channel", False)
-        sa = init_scale(problem.a, a_q.bits, a_q.signed)
-        sb = init_scale(problem.b, b_q.bits, b_q.signed, per_channel=per_channel)
+        sa = init_scale(problem.a, a_q.bits, a_q.signed, combine=max_over_samples)
+        sb = init_scale(problem.b, b_q.bits, b_q.signed, per_channel=per_channel,
+                        combine=None if problem.b_shared else max_over_samples)
         return sa, sb
 
     def calibrate(self, cell, problem):
@@ -120,6 +138,7 @@ class Method:
 
 class MinMax(Method):
     name = "minmax"
+    shardable = True
 
     def calibrate(self, cell, problem):
         sa, sb = self.initial_scales(cell, problem)
@@ -128,19 +147,21 @@ class MinMax(Method):
 
 class Percentile(Method):
     """Activation intervals from the `percentile` of |T| over the calibration values; weights
-    keep the max-based interval."""
+    keep the max-based interval. Under a sharded calibration the values of every rank are
+    gathered (exact: the percentile of the same values)."""
 
     name = "percentile"
+    shardable = True
 
     def calibrate(self, cell, problem):
         sa, sb = self.initial_scales(cell, problem)
         a_name, b_name = operand_roles(cell)
         pct = self.qcfg["percentile"]
         a_q = getattr(cell, f"{a_name}_q")
-        sa = percentile_scale(problem.a, a_q.bits, pct, a_q.signed)
+        sa = percentile_scale(gather_samples(problem.a), a_q.bits, pct, a_q.signed)
         if b_name != "w":
             b_q = getattr(cell, f"{b_name}_q")
-            sb = percentile_scale(problem.b, b_q.bits, pct, b_q.signed)
+            sb = percentile_scale(gather_samples(problem.b), b_q.bits, pct, b_q.signed)
         return sa, sb, {}
 
 
@@ -152,6 +173,7 @@ class AlternatingSearch(Method):
     name = "easyquant"
     objective = "cosine"
     stop_early = False
+    shardable = True
 
     def rounds(self):
         return self.qcfg["search_rounds"]
@@ -211,6 +233,12 @@ def register_method(cls):
 def _set_quant(cells, names, on):
     for name in names:
         cells[name].set_quant(weight=on, act=on)
+
+
+def is_shardable(method):
+    """Whether a method (class or instance) declares itself shardable (see Method)."""
+    cls = method if isinstance(method, type) else type(method)
+    return bool(cls.__dict__.get("shardable", False))
 
 
 def get_method(qcfg):

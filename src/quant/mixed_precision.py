@@ -17,12 +17,20 @@ import time
 
 import numpy as np
 
+from ..distributed import gather_samples
 from .calibrate import _set_quant, calibrate_stage, calibration_session, get_method, run_stage
 from .convert import quant_cells
 
 MP_TARGETS = {"4MP": (4, (2, 3, 4, 5, 6)), "6MP": (6, (4, 5, 6, 7, 8)), "8MP": (8, (6, 7, 8, 9, 10))}
 MODULE_LAYERS = {"attn": ("attn.qkv", "attn.matmul1", "attn.matmul2", "attn.proj"), "mlp": ("mlp.fc1", "mlp.fc2")}
 MAX_DP_UNITS = 1 << 20
+SHARDABLE_CRITERIA = ("paper",)  # criteria whose reductions over samples go through src/distributed.py
+
+
+def is_shardable(qcfg):
+    """Whether search_bits may run on this rank's shard of the calibration images (the paper's
+    criterion: per-sample nuclear norms and errors, gathered over the ranks)."""
+    return qcfg.get("mp_criterion", "paper") in SHARDABLE_CRITERIA
 
 
 def model_modules(model):
@@ -141,7 +149,7 @@ def search_bits(model, images, qcfg, log=sys.stderr):
                 _, cap = run_stage(blk, x, batch, capture)
                 y_fp = cap[out_cell]
                 feat = cap[attn_map_cell][0] if name.endswith("attn") and attn_map_cell is not None else y_fp
-                sens[name] = float(nuclear_norm(feat).mean())
+                sens[name] = float(gather_samples(nuclear_norm(feat)).mean())  # over every rank's samples
                 params[name] = module_weight_params(model, layers)
                 omega[name] = []
                 for b in bits:
@@ -150,7 +158,8 @@ def search_bits(model, images, qcfg, log=sys.stderr):
                             cells[n].set_bits(op, b)
                     calibrate_stage(method, cells, blk, layers, x, x, batch)
                     _, cap = run_stage(blk, x, batch, {out_cell: "out"})
-                    err = float(((cap[out_cell] - y_fp) ** 2).reshape(len(x), -1).sum(axis=1).mean())
+                    err = ((cap[out_cell] - y_fp) ** 2).reshape(len(x), -1).sum(axis=1)
+                    err = float(gather_samples(err).mean())  # over every rank's samples
                     omega[name].append(sens[name] * err)
                     _set_quant(cells, layers, False)
                 print(f"  {name:20s} sigma {sens[name]:.4g}  omega " +

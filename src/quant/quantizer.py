@@ -28,11 +28,12 @@ def qrange(bits, signed=True):
     return 0, 2 ** bits - 1
 
 
-def init_scale(x, bits, signed=True, per_channel=False):
+def init_scale(x, bits, signed=True, per_channel=False, combine=None):
     """Max-based interval: max|x| / (2^(b-1) - 1) (signed) or max(x) / (2^b - 1) (unsigned).
 
     per_channel: one interval per index of axis 0, shape (C, 1, ...) broadcastable to x;
-    otherwise shape (1,). Never zero (an all-zero tensor gets a tiny interval)."""
+    otherwise shape (1,). Never zero (an all-zero tensor gets a tiny interval). combine: applied
+    to the float32 maximum (max over the ranks of a sharded calibration, src/distributed.py)."""
     x = np.asarray(x, dtype=np.float32)
     _, qmax = qrange(bits, signed)
     axes = tuple(range(1, x.ndim)) if per_channel else None
@@ -40,7 +41,8 @@ def init_scale(x, bits, signed=True, per_channel=False):
         m = np.abs(x).max(axis=axes, keepdims=per_channel) if x.size else np.float32(0)
     else:
         m = np.maximum(x.max(axis=axes, keepdims=per_channel), 0) if x.size else np.float32(0)
-    s = np.maximum(np.asarray(m, np.float32) / qmax, EPS).astype(np.float32)
+    m = np.asarray(m, np.float32) if combine is None else combine(np.asarray(m, np.float32))
+    s = np.maximum(m / qmax, EPS).astype(np.float32)
     return s if per_channel else s.reshape(1)
 
 

@@ -10,6 +10,7 @@ quantized at its current interval, and scores each candidate on all calibration 
 """
 import numpy as np
 
+from ..distributed import gather_samples
 from ..utils import check_interrupted
 from .quantizer import fake_quant_np
 
@@ -118,10 +119,34 @@ class LayerProblem:
             out = np.matmul(a, b_c)
         return self._add_bias(out)
 
+    def sample_step(self, num_candidates):
+        return max(1, CHUNK_ELEMS // max(1, num_candidates * self.out_elems))
+
     def sample_chunks(self, num_candidates):
-        step = max(1, CHUNK_ELEMS // max(1, num_candidates * self.out_elems))
+        step = self.sample_step(num_candidates)
         for i in range(0, self.n, step):
             yield slice(i, min(self.n, i + step))
+
+
+def sample_mean(per_sample, steps):
+    """Mean over all calibration samples of per-sample values (C, n) of this rank, gathered
+    over the ranks of a sharded calibration (src/distributed.py) and summed as one process
+    sums them: chunks of steps[c] samples in order (None: one chunk), each summed by numpy,
+    accumulated in float64. steps: one per row (candidate), or one for all. Returns (C,)."""
+    full = np.ascontiguousarray(gather_samples(np.asarray(per_sample, np.float64).T).T)
+    c, n = full.shape
+    steps = list(steps) if np.ndim(steps) else [steps] * c
+    total = np.zeros(c, np.float64)
+    r = 0
+    while r < c:  # rows sharing a step are reduced together, as they were scored together
+        r1 = r + 1
+        while r1 < c and steps[r1] == steps[r]:
+            r1 += 1
+        step = steps[r] or max(n, 1)
+        for i in range(0, n, step):
+            total[r:r1] += np.ascontiguousarray(full[r:r1, i:i + step]).sum(axis=1)
+        r = r1
+    return total / n
 
 
 def _expand_candidates(scales, ndim):
@@ -142,7 +167,7 @@ def score_candidates(problem, which, candidates, a_hat, b_hat_right, bits, signe
     sim = OBJECTIVES[objective] if isinstance(objective, str) else objective
     num_c = len(candidates)
     cand_chunk = cand_chunk or max(1, min(num_c, CHUNK_ELEMS // max(1, problem.out_elems)))
-    total = np.zeros(num_c, np.float64)
+    per_sample, steps = np.zeros((num_c, problem.n), np.float64), [None] * num_c
     for c0 in range(0, num_c, cand_chunk):
         check_interrupted()
         cs = candidates[c0:c0 + cand_chunk]
@@ -165,15 +190,16 @@ def score_candidates(problem, which, candidates, a_hat, b_hat_right, bits, signe
             s = sim(problem.target[sl].reshape(n, -1), out.reshape(len(cs), n, -1))
             if extra_loss is not None:
                 s = s - extra_loss(out, sl)
-            total[c0:c0 + len(cs)] += s.sum(axis=1)
-    return total / problem.n
+            per_sample[c0:c0 + len(cs), sl] = s
+        steps[c0:c0 + len(cs)] = [problem.sample_step(len(cs))] * len(cs)
+    return sample_mean(per_sample, steps)
 
 
 def evaluate_pair(problem, a_hat, b_hat_right, objective, extra_loss=None):
     """Mean objective of the layer with both operands already fake-quantized (b in the layout
     of problem.b_right)."""
     sim = OBJECTIVES[objective] if isinstance(objective, str) else objective
-    total = 0.0
+    per_sample = np.zeros((1, problem.n), np.float64)
     for sl in problem.sample_chunks(1):
         b = b_hat_right if problem.b_shared else b_hat_right[sl]
         out = problem.forward(a_hat[sl], b)
@@ -181,8 +207,8 @@ def evaluate_pair(problem, a_hat, b_hat_right, objective, extra_loss=None):
         s = sim(problem.target[sl].reshape(n, -1), out.reshape(1, n, -1))
         if extra_loss is not None:
             s = s - extra_loss(out[None], sl)
-        total += float(s.sum())
-    return total / problem.n
+        per_sample[:, sl] = s
+    return float(sample_mean(per_sample, problem.sample_step(1))[0])
 
 
 def _similarity_from_sums(objective, cross, s_o, s_oo, t_norm2, m):
@@ -214,7 +240,6 @@ def _score_dense_moments(problem, which, candidates, a_hat, b_hat_right, bits, s
     t_norm2 = np.einsum("nto,nto->n", t, t)
     t_bias = t.sum(axis=1) @ bias  # Σ_o b_o Σ_t t'_o, (n,)
     const_o, const_oo = n_tok * bias.sum(), n_tok * float(bias @ bias)
-    scores = np.zeros(len(candidates), np.float64)
     if which == "b":
         x = a_hat.reshape(n, n_tok, k).astype(np.float64)
         x_sum = x.sum(axis=1)                                   # (n, K)
@@ -222,6 +247,7 @@ def _score_dense_moments(problem, which, candidates, a_hat, b_hat_right, bits, s
         gram_x = np.matmul(xt, x).reshape(n, -1)                    # (n, K·K)
         cross_x = np.matmul(np.swapaxes(t, 1, 2), x).reshape(n, -1)  # (n, O·K)
         gram_w = np.empty((min(16, len(candidates)), k, k), np.float64)  # reused: up to 16 x K² x 8 bytes
+        per_sample = np.zeros((len(candidates), n), np.float64)
         for c0 in range(0, len(candidates), 16):
             cs = candidates[c0:c0 + 16]
             w = fake_quant_np(problem.b[None], _expand_candidates(cs, problem.b.ndim), bits, signed).astype(np.float64)
@@ -230,18 +256,18 @@ def _score_dense_moments(problem, which, candidates, a_hat, b_hat_right, bits, s
             g = np.matmul(np.swapaxes(w, 1, 2), w, out=gram_w[:len(cs)])
             s_oo = g.reshape(len(cs), -1) @ gram_x.T \
                 + 2.0 * (np.einsum("cok,o->ck", w, bias) @ x_sum.T) + const_oo
-            scores[c0:c0 + len(cs)] = _similarity_from_sums(objective, cross, s_o, s_oo, t_norm2, m).mean(axis=1)
-        return scores
+            per_sample[c0:c0 + len(cs)] = _similarity_from_sums(objective, cross, s_o, s_oo, t_norm2, m)
+        return sample_mean(per_sample, None)
     w = np.swapaxes(b_hat_right, -1, -2)  # Ŵ (O, K), float32
     w64 = w.astype(np.float64)
     tw = (t @ w64).astype(np.float32)  # t' Ŵ, (n, T, K)
     w_sum, w_bias = w64.sum(axis=0), w64.T @ bias
     widen = k < w.shape[0]
     gram_w = (w64.T @ w64).astype(np.float32) if widen else None
-    total = np.zeros(len(candidates), np.float64)
-    per_sample = n_tok * max(k, w.shape[0])
-    step_n = max(1, CHUNK_ELEMS // max(1, len(candidates) * per_sample))
-    cand_chunk = len(candidates) if step_n > 1 else max(1, CHUNK_ELEMS // per_sample)
+    sample_elems = n_tok * max(k, w.shape[0])
+    step_n = max(1, CHUNK_ELEMS // max(1, len(candidates) * sample_elems))
+    cand_chunk = len(candidates) if step_n > 1 else max(1, CHUNK_ELEMS // sample_elems)
+    per_sample = np.zeros((len(candidates), n), np.float64)
     for c0 in range(0, len(candidates), cand_chunk):
         check_interrupted()
         cs = candidates[c0:c0 + cand_chunk]
@@ -257,6 +283,5 @@ def _score_dense_moments(problem, which, candidates, a_hat, b_hat_right, bits, s
                 out = xc @ np.ascontiguousarray(w.T)
                 s_oo = np.einsum("cnto,cnto->cn", out, out).astype(np.float64)
             s_oo = s_oo + 2.0 * (x_sum @ w_bias) + const_oo
-            total[c0:c0 + len(cs)] += _similarity_from_sums(objective, cross, s_o, s_oo, t_norm2[sl], m).sum(axis=1)
-    scores[:] = total / n
-    return scores
+            per_sample[c0:c0 + len(cs), sl] = _similarity_from_sums(objective, cross, s_o, s_oo, t_norm2[sl], m)
+    return sample_mean(per_sample, step_n)

@@ -14,6 +14,7 @@ instead of all T(T-1)/2 pairs.
 """
 import numpy as np
 
+from ..distributed import gather_samples
 from .calibrate import AlternatingSearch, register_method
 
 ROW_CHUNK_ELEMS = 1 << 22  # float32 pair differences held at once (16 MB; see search.CHUNK_ELEMS)
@@ -92,15 +93,19 @@ def sample_pairs(t, num, seed=0):
 
 def bias_correction(problem, a_hat, b_hat_right):
     """Expected output error per output channel, E[Ô - O] over samples and tokens: (out,).
-    Ô is computed with both operands quantized; the caller subtracts it from the bias."""
-    err = np.zeros(problem.target.shape[-1], np.float64)
-    count = 0
+    Ô is computed with both operands quantized; the caller subtracts it from the bias.
+    Per-sample sums over tokens, gathered over the ranks of a sharded calibration, then
+    summed over samples in order (the same sums in one process and in several)."""
+    width = problem.target.shape[-1]
+    sums = np.zeros((problem.n, width), np.float64)
+    tokens = 0
     for sl in problem.sample_chunks(1):
         out = problem.forward(a_hat[sl], b_hat_right)
-        d = (out - problem.target[sl]).reshape(-1, out.shape[-1])
-        err += d.sum(axis=0, dtype=np.float64)
-        count += d.shape[0]
-    return (err / max(count, 1)).astype(np.float32)
+        d = (out - problem.target[sl]).reshape(sl.stop - sl.start, -1, width)
+        sums[sl] = d.sum(axis=1, dtype=np.float64)
+        tokens = d.shape[1]
+    sums = gather_samples(sums)
+    return (sums.sum(axis=0) / max(len(sums) * tokens, 1)).astype(np.float32)
 
 
 @register_method
@@ -112,6 +117,7 @@ class VTPTQ(AlternatingSearch):
     name = "vtptq"
     objective = "pearson"
     stop_early = True
+    shardable = True
 
     def rounds(self):
         return self.qcfg["max_rounds"]
