@@ -148,7 +148,7 @@ def main(cfg):
           f"{len(calib_images)} calibration images, {len(dataset)} evaluation images{workers}", flush=True)
     fp = fp_reference(cfg, dataset, lambda: build_model(cfg))
 
-    t0 = time.time()
+    t0, cpu0 = time.time(), time.process_time()
     layer_bits, mp_report, mp_target_mb = None, None, None
     if cfg.get("mixed_precision"):
         layer_bits, mp_report, mp_target_mb = mixed_precision_bits(cfg, calib_images, lambda: build_model(cfg))
@@ -158,6 +158,7 @@ def main(cfg):
     calib_report = calibrate_model(model, calib_images, cfg)
     sync_diff = sync_calibration(model)  # every rank evaluates rank 0's calibration
     calib_seconds = time.time() - t0
+    calib_cpu_seconds = time.process_time() - cpu0
     print(f"calibrated in {calib_seconds:.1f}s", flush=True)
     ckpt_path = os.path.join(out, "quantized.ckpt")
     if dist.is_main:
@@ -171,7 +172,8 @@ def main(cfg):
               **{k: res[k] for k in EVAL_FIELDS}, "device_target": cfg["device_target"], "mode": cfg["mode"],
               "method": cfg["method"], "w_bits": cfg["w_bits"], "a_bits": cfg["a_bits"],
               "fp_top1": fp["top1"], "fp_top5": fp["top5"], "calib_num": len(calib_images),
-              "calib_seconds": calib_seconds, "model_size_mb": model_size_mb(model), "fp_model_size_mb": fp_size,
+              "calib_seconds": calib_seconds, "calib_cpu_seconds": calib_cpu_seconds,
+              "model_size_mb": model_size_mb(model), "fp_model_size_mb": fp_size,
               "quantized_checkpoint": ckpt_path, "layers": layers}
     if mp_report is not None:
         result.update(mp_target=cfg["mp_target"], mp_target_mb=mp_target_mb,

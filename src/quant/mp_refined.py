@@ -193,18 +193,20 @@ def candidate_moves(current, choices, costs, capacity):
     return out
 
 
-def refined_search(build_model, images, qcfg, log=sys.stderr):
-    """The refined criterion (module docstring). build_model() -> a fresh FP model.
+def refined_search(build_model, images, qcfg, log=sys.stderr, cache=None):
+    """The refined criterion (module docstring). build_model() -> a fresh FP model; cache:
+    calibrate_widths' result for the candidate widths, if already computed.
 
     Returns the report of search_bits (target, nominal_bits, candidates, modules, sensitivity,
     omega, params, seconds) with criterion 'refined', and objective (L of the uniform, initial
     and final assignments), swaps_accepted, swaps_measured, forward_passes, history."""
-    start = time.time()
+    start, cpu_start = time.time(), time.process_time()
     target = qcfg["mp_target"]
     nominal, bits = candidate_bits(qcfg)
     bits = list(bits)
     batch = qcfg["calib_batch_size"]
-    cache = calibrate_widths(build_model, images, qcfg, bits, log)
+    if cache is None:
+        cache = calibrate_widths(build_model, images, qcfg, bits, log)
     t_cache = time.time() - start
     model = build_model()
     quantize_model(model, dict(qcfg, w_bits=nominal, a_bits=nominal))
@@ -267,7 +269,8 @@ def refined_search(build_model, images, qcfg, log=sys.stderr):
                                             "final": l_current},
             "initial_modules": _named(names, bits, initial), "ended_on_uniform": current == uniform,
             "swaps_accepted": accepted, "swaps_measured": measured, "forward_passes": ev.passes,
-            "cache_seconds": t_cache, "history": history, "seconds": time.time() - start}
+            "cache_seconds": t_cache, "history": history, "seconds": time.time() - start,
+            "cpu_seconds": time.process_time() - cpu_start}
 
 
 def _named(names, bits, idx):
