@@ -45,6 +45,7 @@ from .mixed_precision import candidate_bits, knapsack, model_modules, module_wei
 
 REFINED_TOP_MOVES = 6   # moves measured per local-search step
 REFINED_MIN_GAIN = 0.01  # a move is kept only if it lowers L by more than this fraction
+REFINED_Z = 0.0         # ... and by more than this many standard errors of the per-image gains
 REFINED_MAX_ITERS = 12  # at most this many kept moves
 MAX_MOVE_MODULES = 3    # a move changes the widths of 2 .. this many modules
 MOVE_STEPS = (-2, -1, 1, 2)
@@ -93,13 +94,18 @@ def calibrate_widths(build_model, images, qcfg, widths, log=sys.stderr):
 # ----------------------------------------------------------------------------- end-to-end objective
 def kl_to_reference(logits_fp, logits_q):
     """Mean over samples of KL(softmax(logits_fp) ‖ softmax(logits_q)), in float64."""
+    return float(kl_per_sample(logits_fp, logits_q).mean())
+
+
+def kl_per_sample(logits_fp, logits_q):
+    """KL(softmax(logits_fp) ‖ softmax(logits_q)) per sample: (n, classes) -> float64 (n,)."""
     a = np.asarray(logits_fp, np.float64)
     b = np.asarray(logits_q, np.float64)
     la = a - a.max(axis=1, keepdims=True)
     la -= np.log(np.exp(la).sum(axis=1, keepdims=True))
     lb = b - b.max(axis=1, keepdims=True)
     lb -= np.log(np.exp(lb).sum(axis=1, keepdims=True))
-    return float((np.exp(la) * (la - lb)).sum(axis=1).mean())
+    return (np.exp(la) * (la - lb)).sum(axis=1)
 
 
 class EndToEnd:
@@ -121,7 +127,8 @@ class EndToEnd:
         set_quant_mode(model, "quantized")
         self.block_of = [m[1] for m in modules]
         self.inputs = {(): run_stage(model.embed, x, batch)[0]}  # prefix of block widths -> block input
-        self.values = {}
+        self.values = {}  # assignment -> L
+        self.per_image = {}  # assignment -> KL per calibration image
         self.passes = 0
 
     def _apply(self, assignment):
@@ -151,8 +158,20 @@ class EndToEnd:
             self.inputs[self._prefix(assignment, k + 1)] = x
         logits = run_stage(self.model.forward_head, x, self.batch)[0]
         self.passes += 1
-        self.values[assignment] = kl_to_reference(self.logits_fp, logits)
+        self.per_image[assignment] = kl_per_sample(self.logits_fp, logits)
+        self.values[assignment] = float(self.per_image[assignment].mean())
         return self.values[assignment]
+
+    def better(self, new, old):
+        """True if assignment `new` lowers L by more than REFINED_MIN_GAIN (relative) and by more
+        than REFINED_Z standard errors of the per-image differences (a paired test over the
+        calibration images: a move that helps a few images and hurts the rest is not kept)."""
+        self(new), self(old)
+        d = self.per_image[tuple(old)] - self.per_image[tuple(new)]
+        gain = float(d.mean())
+        if gain <= self.values[tuple(old)] * REFINED_MIN_GAIN:
+            return False
+        return gain > REFINED_Z * float(d.std(ddof=1)) / np.sqrt(len(d)) if len(d) > 1 else True
 
 
 @contextlib.contextmanager
@@ -236,7 +255,9 @@ def refined_search(build_model, images, qcfg, log=sys.stderr, cache=None):
         picks = knapsack(costs, omega, capacity)
         initial = tuple(picks) if picks is not None else uniform
         l_initial = loss(initial)
-        current, l_current = (initial, l_initial) if l_initial < l_uniform else (uniform, l_uniform)
+        current = initial if initial != uniform and ev.better(_widths(bits, initial), _widths(bits, uniform)) \
+            else uniform
+        l_current = loss(current)
         history = [{"assignment": _named(names, bits, current), "objective": l_current, "step": "start"}]
         accepted, measured = 0, 0
         while accepted < REFINED_MAX_ITERS:
@@ -249,7 +270,7 @@ def refined_search(build_model, images, qcfg, log=sys.stderr, cache=None):
             results = [(loss(mv), mv) for mv in trial]
             measured += len(trial)
             best_l, best_mv = min(results)
-            if best_l < l_current * (1.0 - REFINED_MIN_GAIN):
+            if ev.better(_widths(bits, best_mv), _widths(bits, current)):
                 current, l_current = best_mv, best_l
                 accepted += 1
                 history.append({"assignment": _named(names, bits, current), "objective": l_current, "step": "swap"})
@@ -271,6 +292,10 @@ def refined_search(build_model, images, qcfg, log=sys.stderr, cache=None):
             "swaps_accepted": accepted, "swaps_measured": measured, "forward_passes": ev.passes,
             "cache_seconds": t_cache, "history": history, "seconds": time.time() - start,
             "cpu_seconds": time.process_time() - cpu_start}
+
+
+def _widths(bits, idx):
+    return tuple(bits[k] for k in idx)
 
 
 def _named(names, bits, idx):
