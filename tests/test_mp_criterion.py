@@ -4,7 +4,6 @@ tiny model, the mp_criterion key, and quant.py's MP result fields and bits.png.
 
 Tiny models (width 32) for the searches; one reduced embedded run of quant.py (~30 s).
 """
-import importlib
 import io
 import json
 import os
@@ -14,7 +13,6 @@ import numpy as np
 import pytest
 from _helpers import randomize
 
-import mindspore as ms
 from mindspore import Tensor
 
 from src.config import defaults
@@ -22,12 +20,8 @@ from src.models.vit import VisionTransformer
 from src.quant import calibrate_model, quant_cells, quantize_model, set_quant_mode
 from src.quant import mixed_precision as mp
 from src.quant import mp_refined
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
-quant_script = importlib.import_module("quant")
-ms.set_device("CPU")
+from test_vtptq import REPO, quant_script, restore_mode, tiny_images  # noqa: F401 (restore_mode: autouse fixture)
+from test_vtptq import qcfg as base_qcfg
 
 TINY2 = dict(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=32, depth=2, num_heads=2)
 
@@ -44,27 +38,13 @@ PAPER_TINY_OMEGA = {"blocks.0.attn": [2411.019851734973, 240.55664728465163, 85.
                                      61.02691960605449]}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def restore_mode():
-    mode = ms.get_context("mode")
-    ms.set_context(mode=ms.GRAPH_MODE)
-    yield
-    ms.set_context(mode=mode)
-
-
 def qcfg(**kw):
-    cfg = defaults()
-    cfg.update({"method": "vtptq", "w_bits": 4, "a_bits": 4, "mp_target": "4MP", "search_candidates": 10,
-                "max_rounds": 2, **kw})
-    return cfg
+    return base_qcfg(**{"method": "vtptq", "w_bits": 4, "a_bits": 4, "mp_target": "4MP", "search_candidates": 10,
+                        "max_rounds": 2, **kw})
 
 
 def tiny2():
     return randomize(VisionTransformer(**TINY2), 0)
-
-
-def tiny_images(n=8, seed=1):
-    return np.random.default_rng(seed).standard_normal((n, 1, 28, 28)).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------- paper criterion

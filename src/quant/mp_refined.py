@@ -25,8 +25,10 @@ against the FP logits z_fp:
    one up and one down, within the size target; the moves are ranked by their additive
    prediction from Ω, the best `REFINED_TOP_MOVES` not yet measured are measured, and the
    best is kept only if it lowers the measured L by more than `REFINED_MIN_GAIN` (relative;
-   a guard against fitting the noise of the 32 calibration images). It stops when no move
-   is kept or after `REFINED_MAX_ITERS` kept moves.
+   a guard against fitting the noise of the 32 calibration images; `REFINED_Z` > 0 also
+   asks for a paired test over the images, off: see the README). It stops when no move is
+   kept or after `REFINED_MAX_ITERS` kept moves. The knapsack's assignment replaces the
+   uniform one by the same rule.
 
 The caller then recalibrates the model at the chosen widths, as for the paper's criterion.
 """
@@ -37,7 +39,6 @@ import time
 
 import numpy as np
 import mindspore as ms
-from mindspore import Tensor
 
 from .calibrate import calibrate_model, run_stage
 from .convert import quant_cells, quantize_model, set_quant_mode
