@@ -123,7 +123,7 @@ def test_cached_state_reproduces_the_calibrated_model():
     assert all(c.w_q.bits == 3 for _, c in quant_cells(other) if "w" in c.operands)
 
 
-def test_refined_search_on_tiny_model():
+def test_refined_search_on_tiny_model(monkeypatch):
     cfg = qcfg()
     report = mp_refined.refined_search(tiny2, tiny_images(8), cfg, log=io.StringIO())
     assert report["criterion"] == "refined"
@@ -136,7 +136,8 @@ def test_refined_search_on_tiny_model():
     assert report["ended_on_uniform"] == all(b == 4 for b in report["modules"].values())
     for name, om in report["omega"].items():
         assert om["4"] == 0.0 and om["2"] > 0  # Ω is the change of L from the uniform nominal model
-    # deterministic: a second search gives the same choice
+    # deterministic, and the same when block inputs are evicted from the reuse cache at once
+    monkeypatch.setattr(mp_refined, "MAX_CACHED_INPUTS", 1)
     again = mp_refined.refined_search(tiny2, tiny_images(8), cfg, log=io.StringIO())
     assert again["modules"] == report["modules"] and again["objective"] == obj
 

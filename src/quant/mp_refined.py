@@ -50,6 +50,7 @@ REFINED_Z = 0.0         # ... and by more than this many standard errors of the 
 REFINED_MAX_ITERS = 12  # at most this many kept moves
 MAX_MOVE_MODULES = 3    # a move changes the widths of 2 .. this many modules
 MOVE_STEPS = (-2, -1, 1, 2)
+MAX_CACHED_INPUTS = 32  # block inputs kept for reuse (the oldest go first): bounds memory on large models
 
 
 # ----------------------------------------------------------------------------- cached states
@@ -157,6 +158,8 @@ class EndToEnd:
         for k in range(start, len(blocks)):
             x = run_stage(blocks[k], x, self.batch)[0]
             self.inputs[self._prefix(assignment, k + 1)] = x
+            if len(self.inputs) > MAX_CACHED_INPUTS:
+                del self.inputs[next(key for key in self.inputs if key)]  # the oldest, never the embedding's
         logits = run_stage(self.model.forward_head, x, self.batch)[0]
         self.passes += 1
         self.per_image[assignment] = kl_per_sample(self.logits_fp, logits)
