@@ -5,11 +5,12 @@ With no arguments it runs the embedded default: the embedded model `deit_fmnist`
 and W4A4 with each available method, and prints a table of top-1 against full precision.
 
 Outputs in OUTPUT (default outputs/<name>/): config.yaml, quantized.ckpt (written before the
-final evaluation), result.json.
+final evaluation), result.json, and for mixed precision bits.png (needs matplotlib).
 
 Examples:
   python quant.py
   python quant.py --config configs/deit_fmnist_easyquant_w4a4.yaml
+  python quant.py --config configs/deit_fmnist_vtptq_4MP_refined.yaml   # mixed precision, refined criterion
   python quant.py --config configs/deit_small_easyquant_w6a6.yaml --data /data/imagenet --ckpt deit_small.safetensors
   python eval.py --ckpt outputs/<name>/quantized.ckpt      # re-evaluate the saved quantized model
   msrun --worker_num=2 --local_worker_num=2 --master_port=8118 --join=True quant.py --config CONFIG
