@@ -5,11 +5,12 @@ With no arguments it runs the embedded default: the embedded model `deit_fmnist`
 and W4A4 with each available method, and prints a table of top-1 against full precision.
 
 Outputs in OUTPUT (default outputs/<name>/): config.yaml, quantized.ckpt (written before the
-final evaluation), result.json.
+final evaluation), result.json, and for mixed precision bits.png (needs matplotlib).
 
 Examples:
   python quant.py
   python quant.py --config configs/deit_fmnist_easyquant_w4a4.yaml
+  python quant.py --config configs/deit_fmnist_vtptq_4MP_refined.yaml   # mixed precision, refined criterion
   python quant.py --config configs/deit_small_easyquant_w6a6.yaml --data /data/imagenet --ckpt deit_small.safetensors
   python eval.py --ckpt outputs/<name>/quantized.ckpt      # re-evaluate the saved quantized model
   msrun --worker_num=2 --local_worker_num=2 --master_port=8118 --join=True quant.py --config CONFIG
@@ -33,7 +34,7 @@ QUANT_KEYS = ["model", "ckpt", "data", "method", "w_bits", "a_bits", "calib_num"
               "calib_split", "calib_batch_size", "calib_input", "percentile", "search_alpha", "search_beta",
               "search_candidates", "search_rounds", "weight_per_channel", "softmax_unsigned", "quantize_head",
               "quantize_patch_embed", "quantize_matmul1", "quantize_matmul2", "max_rounds", "ranking_loss",
-              "ranking_gamma", "ranking_theta", "ranking_pairs", "bias_correction", "mixed_precision", "mp_target", "mp_min_bits",
+              "ranking_gamma", "ranking_theta", "ranking_pairs", "bias_correction", "mixed_precision", "mp_target", "mp_min_bits", "mp_criterion",
               "skip_bad_images", "crop_pct",
               "interpolation", "num_classes", "drop_head", "seed"]
 EVAL_FIELDS = ("num_images", "skipped_images", "top1", "top5", "seconds", "images_per_second")
@@ -56,17 +57,22 @@ def run_name(cfg):
 
 
 def mixed_precision_bits(cfg, calib_images, build_model):
-    """Search one bit width per MSA/MLP module (src/quant/mixed_precision.py). Returns
+    """Search one bit width per MSA/MLP module with cfg['mp_criterion']: 'paper'
+    (src/quant/mixed_precision.py) or 'refined' (src/quant/mp_refined.py). Returns
     (layer_bits for quantize_model, the search report, size target in MB)."""
     from src.quant import model_size_mb, quantize_model, set_quant_mode
     from src.quant.mixed_precision import layer_bits_from_modules, search_bits
+    from src.quant.mp_refined import refined_search
     model = build_model()
     quantize_model(model, cfg)
     set_quant_mode(model, "quantized")
     target_mb = model_size_mb(model)  # the uniform model at the nominal width
-    report = search_bits(model, calib_images, cfg)
-    print(f"mixed precision {cfg['mp_target']}: " + ", ".join(f"{k}={v}" for k, v in report["modules"].items())
-          + f" [{report['seconds']:.1f}s]", flush=True)
+    if cfg.get("mp_criterion", "paper") == "refined":
+        report = refined_search(build_model, calib_images, cfg)
+    else:
+        report = search_bits(model, calib_images, cfg)
+    print(f"mixed precision {cfg['mp_target']} ({cfg.get('mp_criterion', 'paper')}): "
+          + ", ".join(f"{k}={v}" for k, v in report["modules"].items()) + f" [{report['seconds']:.1f}s]", flush=True)
     return layer_bits_from_modules(model, report["modules"]), report, target_mb
 
 
@@ -115,9 +121,9 @@ def main(cfg):
         raise ValueError(f"{cfg['ckpt']}: already a quantized checkpoint (model '{qmodel}'); quant.py "
                          "takes full-precision weights (evaluate it with eval.py --ckpt)")
     if cfg.get("mixed_precision"):
-        if cfg["method"] != "vtptq":
-            raise ConfigError(f"mixed_precision is the paper's (vtptq) bit allocation; method is {cfg['method']!r}")
-        from src.quant.mixed_precision import MP_TARGETS
+        from src.quant.mixed_precision import MP_METHODS, MP_TARGETS
+        if cfg["method"] not in MP_METHODS:
+            raise ConfigError(f"mixed_precision needs method {' or '.join(MP_METHODS)}; method is {cfg['method']!r}")
         nominal = MP_TARGETS[cfg["mp_target"]][0]
         if cfg.get("mp_min_bits") is not None and cfg["mp_min_bits"] > nominal:
             raise ConfigError(f"mp_min_bits is {cfg['mp_min_bits']}; {cfg['mp_target']} needs candidates at or "
@@ -158,7 +164,7 @@ def _quantize(cfg, dataset, calib_images, shardable, dist, out):
           f"{len(calib_images)} calibration images, {len(dataset)} evaluation images{workers}", flush=True)
     fp = fp_reference(cfg, dataset, lambda: build_model(cfg))
 
-    t0 = time.time()
+    t0, cpu0 = time.time(), time.process_time()
     layer_bits, mp_report, mp_target_mb = None, None, None
     with calibration_shard(calib_images, shardable) as my_images:  # under msrun: this rank's shard
         if cfg.get("mixed_precision"):
@@ -170,6 +176,7 @@ def _quantize(cfg, dataset, calib_images, shardable, dist, out):
     calib_per_rank = gather_counts(len(my_images))  # the images each rank forwarded
     sync_diff = sync_calibration(model)  # every rank evaluates rank 0's calibration
     calib_seconds = time.time() - t0
+    calib_cpu_seconds = time.process_time() - cpu0
     print(f"calibrated in {calib_seconds:.1f}s", flush=True)
     ckpt_path = out.final_path("quantized.ckpt")
     if dist.is_main:
@@ -184,16 +191,24 @@ def _quantize(cfg, dataset, calib_images, shardable, dist, out):
               "method": cfg["method"], "w_bits": cfg["w_bits"], "a_bits": cfg["a_bits"],
               "fp_top1": fp["top1"], "fp_top5": fp["top5"], "calib_num": len(calib_images),
               "calib_shards": dist.size if shardable else 1, "calib_images_per_rank": calib_per_rank,
-              "calib_seconds": calib_seconds, "model_size_mb": model_size_mb(model), "fp_model_size_mb": fp_size,
+              "calib_seconds": calib_seconds, "calib_cpu_seconds": calib_cpu_seconds,
+              "model_size_mb": model_size_mb(model), "fp_model_size_mb": fp_size,
               "quantized_checkpoint": ckpt_path, "layers": layers}
     if mp_report is not None:
-        result.update(mp_target=cfg["mp_target"], mp_target_mb=mp_target_mb, mixed_precision=mp_report)
+        result.update(mp_target=cfg["mp_target"], mp_target_mb=mp_target_mb,
+                      mp_criterion=cfg.get("mp_criterion", "paper"), mp_bits=mp_report["modules"])
+        if "swaps_accepted" in mp_report:
+            result["mp_swaps_accepted"] = mp_report["swaps_accepted"]
+        result["mixed_precision"] = mp_report
     if dist.enabled:
         result.update(num_shards=dist.size, calibration_rank_max_diff=sync_diff,
                       calib_seconds_per_rank=[float(v) for v in all_gather(np.array([calib_seconds]))[:, 0]])
     if not dist.is_main:  # rank 0 writes the files
         return result
     atomic_write_json(out.path("result.json"), result)
+    if mp_report is not None:
+        from src.plots import plot_bits
+        plot_bits(mp_report, out.path("bits.png"), title=f"{cfg['name']}: top-1 {result['top1']:.2f}%")
     print(f"{cfg['method']} W{cfg['w_bits']}A{cfg['a_bits']}: top-1 {result['top1']:.2f}% "
           f"(FP {fp['top1']:.2f}%), {result['model_size_mb']:.2f} MB (FP {fp_size:.2f} MB) -> "
           f"{out.final_path('result.json')}", flush=True)

@@ -1,11 +1,16 @@
 """The embedded benchmark: top-1 of every method and of the paper's method with each of its
 components switched on and off, on the embedded model and its 10,000 test images, at W8A8,
-W6A6 and W4A4, plus mixed precision at the 6-bit and 4-bit sizes, with calibration seconds.
+W6A6 and W4A4, plus mixed precision at the 6-bit and 4-bit sizes (the paper's criterion and
+the refined one), with calibration seconds.
 
     python bench/embedded_table.py [--calib-num 32] [--bits 8,6,4] [--output outputs/embedded_table]
+    python bench/embedded_table.py --plot-only [--output outputs/embedded_table]
 
-Writes OUTPUT/summary.md (rewritten after each run) and one folder per run with its
-result.json, config.yaml and quantized.ckpt.
+Writes OUTPUT/summary.md (rewritten after each run), one folder per run with its
+result.json, config.yaml and quantized.ckpt, and OUTPUT/accuracy_size.png: top-1 against
+model size of every uniform run found under OUTPUT (one line per variant; `--bits 8,7,6,5,4,3`
+gives W8 to W3) and of the mixed-precision runs (needs matplotlib; --plot-only redraws it from
+the result.json files already there).
 """
 import argparse
 import os
@@ -25,7 +30,31 @@ VARIANTS = [
     ("vtptq_biascorr", {"method": "vtptq", "ranking_loss": False, "bias_correction": True}),
     ("vtptq_all", {"method": "vtptq", "ranking_loss": True, "bias_correction": True}),
 ]
-MP_VARIANTS = [("vtptq_mp", {"method": "vtptq", "mixed_precision": True, "mp_target": t}) for t in ("6MP", "4MP")]
+MP_VARIANTS = [(label, {"method": "vtptq", "mixed_precision": True, "mp_target": t, "mp_criterion": crit})
+               for label, crit in (("vtptq_mp", "paper"), ("vtptq_mp_refined", "refined")) for t in ("6MP", "4MP")]
+PLOT_BITS = range(2, 17)
+
+
+def plot(out_root):
+    """OUT_ROOT/accuracy_size.png from the result.json of every run folder under OUT_ROOT."""
+    import json
+    from src.plots import plot_accuracy_size
+    rows = []
+    for label, over in VARIANTS + MP_VARIANTS:
+        tags = [over["mp_target"]] if over.get("mixed_precision") else [f"w{b}a{b}" for b in PLOT_BITS]
+        for tag in tags:
+            path = os.path.join(out_root, f"{label}_{tag}", "result.json")
+            if os.path.isfile(path):
+                with open(path, encoding="utf-8") as f:
+                    res = json.load(f)
+                rows.append({"label": label, "tag": tag.upper() if "MP" in tag else f"W{res['w_bits']}",
+                             "size_mb": res["model_size_mb"], "top1": res["top1"],
+                             "mp": bool(over.get("mixed_precision"))})
+    path = plot_accuracy_size(rows, os.path.join(out_root, "accuracy_size.png"),
+                              title="embedded model: top-1 against model size (uniform and mixed precision)")
+    if path:
+        print(f"wrote {path} ({len(rows)} runs)")
+    return path
 
 
 def main(argv=None):
@@ -35,7 +64,11 @@ def main(argv=None):
     p.add_argument("--no-mp", action="store_true", help="skip the mixed-precision rows")
     p.add_argument("--variants", help="comma-separated subset of: " + ", ".join(v for v, _ in VARIANTS))
     p.add_argument("--output", default=os.path.join("outputs", "embedded_table"))
+    p.add_argument("--plot-only", action="store_true", help="only redraw OUTPUT/accuracy_size.png")
     args = p.parse_args(argv)
+    if args.plot_only:
+        plot(args.output)
+        return
     variants = VARIANTS
     if args.variants:
         wanted = args.variants.split(",")
@@ -48,6 +81,7 @@ def main(argv=None):
     bits = tuple(int(b) for b in args.bits.split(","))
     quant.run_embedded_suite(args.output, variants, bits,
                              overrides={"calib_num": args.calib_num, "calib_batch_size": 256})
+    plot(args.output)
 
 
 if __name__ == "__main__":

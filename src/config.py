@@ -68,6 +68,9 @@ DEFAULTS = {
                          "6MP (4..8, 6-bit size), 8MP (6..10, 8-bit size)"),
     "mp_min_bits": (None, "mixed precision, beyond the paper: leave out candidate widths below this (e.g. 3 keeps "
                           "4MP from giving a module 2 bits); None: the target's candidates"),
+    "mp_criterion": ("paper", "mixed-precision criterion: 'paper' (nuclear-norm-weighted output error per module, "
+                              "other modules in FP, exact knapsack) or 'refined' (beyond the paper: end-to-end KL of "
+                              "the logits on the calibration set, knapsack then a local search of bit swaps)"),
     "bias_correction": (True, "vtptq: subtract the expected output error per channel from the bias after each round"),
     "fp_result": (None, "reuse this result.json of an FP eval (same model, checkpoint, data) instead of "
                         "evaluating the FP model again"),
@@ -79,6 +82,7 @@ CHOICES = {
     "interpolation": (None, "bicubic", "bilinear", "nearest", "lanczos"),
     "method": ("minmax", "percentile", "easyquant", "vtptq"),
     "mp_target": ("4MP", "6MP", "8MP"),
+    "mp_criterion": ("paper", "refined"),
     "calib_input": ("quantized", "fp"),
 }
 

@@ -21,6 +21,7 @@ from ..distributed import gather_samples
 from .calibrate import _set_quant, calibrate_stage, calibration_session, get_method, run_stage
 from .convert import quant_cells
 
+MP_METHODS = ("vtptq",)  # methods quant.py allows mixed precision with (their calibrate: the per-layer interface)
 MP_TARGETS = {"4MP": (4, (2, 3, 4, 5, 6)), "6MP": (6, (4, 5, 6, 7, 8)), "8MP": (8, (6, 7, 8, 9, 10))}
 MODULE_LAYERS = {"attn": ("attn.qkv", "attn.matmul1", "attn.matmul2", "attn.proj"), "mlp": ("mlp.fc1", "mlp.fc2")}
 MAX_DP_UNITS = 1 << 20
@@ -172,7 +173,8 @@ def search_bits(model, images, qcfg, log=sys.stderr):
     if picks is None:
         raise ValueError(f"mixed precision: no assignment of {bits} fits the {target} size target")
     chosen = {n: bits[k] for n, k in zip(names, picks)}
-    return {"target": target, "nominal_bits": nominal, "candidates": list(bits), "modules": chosen,
+    return {"criterion": "paper", "sensitivity_meaning": "sigma: nuclear norm (attention map for MSA, output for MLP)",
+            "target": target, "nominal_bits": nominal, "candidates": list(bits), "modules": chosen,
             "sensitivity": sens, "omega": {n: dict(zip(map(str, bits), omega[n])) for n in names},
             "params": params, "seconds": time.time() - start}
 

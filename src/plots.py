@@ -1,0 +1,98 @@
+"""Pictures of mixed-precision runs (matplotlib, optional: without it each plot is skipped
+with one message per process). Every PNG is written to a temporary name and renamed."""
+import sys
+
+from .utils import atomic_output
+
+_warned = []
+
+
+def _pyplot():
+    """matplotlib.pyplot on the Agg backend, or None (saying once that plots are skipped)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        if not _warned:
+            print("matplotlib is not installed: plots are skipped (pip install matplotlib)", file=sys.stderr,
+                  flush=True)
+            _warned.append(True)
+        return None
+    return plt
+
+
+def _save(fig, plt, path):
+    try:
+        with atomic_output(path) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
+    finally:
+        plt.close(fig)
+
+
+def plot_bits(report, path, title=""):
+    """Bits of each module (bars, left axis) with its sensitivity beside them (bars, right axis),
+    from a mixed-precision report (search_bits or refined_search). Returns path, or None if skipped."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    names = list(report["modules"])
+    bits = [report["modules"][n] for n in names]
+    sens = [report["sensitivity"][n] for n in names]
+    x = list(range(len(names)))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.75 * len(names) + 2), 4.2))
+    ax.bar([i - 0.2 for i in x], bits, width=0.4, color="tab:blue", label="bits")
+    ax.axhline(report["nominal_bits"], color="tab:blue", ls="--", lw=0.8, label=f"nominal {report['nominal_bits']}")
+    ax.set_ylabel("bits")
+    ax.set_ylim(0, max(report["candidates"]) + 1)
+    ax2 = ax.twinx()
+    ax2.bar([i + 0.2 for i in x], sens, width=0.4, color="tab:orange", label="sensitivity")
+    ax2.set_ylabel(f"sensitivity ({report.get('criterion', 'paper')})", color="tab:orange")
+    ax.set_xticks(x)
+    ax.set_xticklabels([n.replace("blocks.", "b") for n in names], rotation=45, ha="right")
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, loc="upper left", fontsize=8)
+    meaning = report.get("sensitivity_meaning", "")
+    ax.set_title((title + "\n" if title else "") + meaning, fontsize=9)
+    fig.tight_layout()
+    _save(fig, plt, path)
+    return path
+
+
+def plot_accuracy_size(rows, path, title="top-1 against model size"):
+    """Accuracy-versus-size plot. rows: dicts with label, size_mb, top1 and mp (bool): uniform
+    rows of one label are joined by a line, mixed-precision rows are markers. Returns path or None."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    uniform = {}
+    for r in rows:
+        if not r["mp"]:
+            uniform.setdefault(r["label"], []).append(r)
+    for label, rs in uniform.items():
+        rs = sorted(rs, key=lambda r: r["size_mb"])
+        ax.plot([r["size_mb"] for r in rs], [r["top1"] for r in rs], "o-", label=f"{label} uniform", ms=4)
+        for r in rs:
+            ax.annotate(r.get("tag", ""), (r["size_mb"], r["top1"]), fontsize=7, xytext=(3, -9),
+                        textcoords="offset points")
+    markers = iter("s^Dv<>P*X")
+    mp_labels = {}
+    for r in rows:
+        if r["mp"]:
+            mp_labels.setdefault(r["label"], []).append(r)
+    for label, rs in mp_labels.items():
+        ax.plot([r["size_mb"] for r in rs], [r["top1"] for r in rs], next(markers, "s"), ls="none", ms=7,
+                label=label)
+        for r in rs:
+            ax.annotate(r.get("tag", ""), (r["size_mb"], r["top1"]), fontsize=7, xytext=(4, 3),
+                        textcoords="offset points")
+    ax.set_xlabel("model size (MB)")
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, plt, path)
+    return path

@@ -1,0 +1,183 @@
+"""Mixed-precision criteria: the paper's criterion pinned (module bits and Ω of a tiny model),
+the refined criterion's parts (KL objective, cached layer states, moves) and its search on a
+tiny model, the mp_criterion key, and quant.py's MP result fields and bits.png.
+
+Tiny models (width 32) for the searches; one reduced embedded run of quant.py (~30 s).
+"""
+import io
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+from _helpers import randomize
+
+from mindspore import Tensor
+
+from src.config import defaults
+from src.models.vit import VisionTransformer
+from src.quant import calibrate_model, quant_cells, quantize_model, set_quant_mode
+from src.quant import mixed_precision as mp
+from src.quant import mp_refined
+from test_vtptq import REPO, quant_script, restore_mode, tiny_images  # noqa: F401 (restore_mode: autouse fixture)
+from test_vtptq import qcfg as base_qcfg
+
+TINY2 = dict(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=32, depth=2, num_heads=2)
+
+# The paper's criterion on the 2-block tiny model (4MP, 10 candidates, 2 rounds, 8 images), as
+# computed before mp_criterion existed: it must not move.
+PAPER_TINY_BITS = {"blocks.0.attn": 3, "blocks.0.mlp": 5, "blocks.1.attn": 3, "blocks.1.mlp": 4}
+PAPER_TINY_OMEGA = {"blocks.0.attn": [2411.019851734973, 240.55664728465163, 85.70943686647396, 27.37334204975682,
+                                      8.934147948660584],
+                    "blocks.0.mlp": [15731.950095363964, 1993.0610776194917, 694.4118687658026, 204.5923087713853,
+                                     65.31756212907261],
+                    "blocks.1.attn": [1687.8715090838198, 232.57552285613463, 61.51380986760816, 19.59150842257198,
+                                      6.4484185914346215],
+                    "blocks.1.mlp": [14942.836103082547, 2000.835721983327, 669.3999826691971, 207.09413973768798,
+                                     61.02691960605449]}
+
+
+def qcfg(**kw):
+    return base_qcfg(**{"method": "vtptq", "w_bits": 4, "a_bits": 4, "mp_target": "4MP", "search_candidates": 10,
+                        "max_rounds": 2, **kw})
+
+
+def tiny2():
+    return randomize(VisionTransformer(**TINY2), 0)
+
+
+# ----------------------------------------------------------------------------- paper criterion
+def test_paper_criterion_pinned_on_tiny_model():
+    model = tiny2()
+    cfg = qcfg()
+    quantize_model(model, cfg)
+    report = mp.search_bits(model, tiny_images(8), cfg, log=io.StringIO())
+    assert report["criterion"] == "paper"
+    assert report["modules"] == PAPER_TINY_BITS
+    for name, want in PAPER_TINY_OMEGA.items():
+        got = [report["omega"][name][str(b)] for b in (2, 3, 4, 5, 6)]
+        np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_mp_criterion_key():
+    assert defaults()["mp_criterion"] == "paper"
+    for path in ("configs/deit_fmnist_vtptq_6MP.yaml", "configs/deit_fmnist_vtptq_4MP.yaml"):
+        with open(os.path.join(REPO, path), encoding="utf-8") as f:
+            assert "mp_criterion: paper" in f.read().split("\n")
+
+
+def test_bad_mp_criterion_is_one_line_error(tmp_path, capsys):
+    rc = quant_script.cli(["--method", "vtptq", "--mixed-precision", "--mp-criterion", "best",
+                           "--output", str(tmp_path / "x")])
+    assert rc == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "mp-criterion" in lines[0] and "best" in lines[0]
+    assert not (tmp_path / "x").exists()
+
+
+# ----------------------------------------------------------------------------- refined: parts
+def test_kl_to_reference_hand_case():
+    z = np.array([[1.0, 2.0, 0.5], [0.0, 0.0, 3.0]])
+    assert mp_refined.kl_to_reference(z, z) == pytest.approx(0.0, abs=1e-12)
+    assert mp_refined.kl_to_reference(z, z + 7.0) == pytest.approx(0.0, abs=1e-12)  # shift invariant
+    q = np.array([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+    p = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+    r = np.exp(q) / np.exp(q).sum(1, keepdims=True)
+    want = np.mean((p * np.log(p / r)).sum(1))
+    assert mp_refined.kl_to_reference(z, q) == pytest.approx(want, rel=1e-12)
+
+
+def test_candidate_moves_are_swaps_within_size():
+    costs = [[2, 3, 4], [2, 3, 4], [4, 6, 8]]  # two small modules, one twice their size; widths 2,3,4
+    current = (1, 1, 1)
+    capacity = 3 + 3 + 6
+    moves = mp_refined.candidate_moves(current, (2, 3, 4), costs, capacity)
+    assert moves and len(set(moves)) == len(moves)
+    for mv in moves:
+        d = np.array(mv) - np.array(current)
+        assert (d > 0).any() and (d < 0).any() and 2 <= (d != 0).sum() <= 3
+        assert sum(costs[m][k] for m, k in enumerate(mv)) <= capacity
+    assert (2, 0, 1) in moves and (0, 0, 2) in moves  # equal-size swaps
+    assert (2, 2, 0) in moves  # two small up, the big one down
+    assert (2, 1, 2) not in moves  # no move without a module going down
+
+
+def test_cached_state_reproduces_the_calibrated_model():
+    x = tiny_images(8)
+    cfg = qcfg(w_bits=3, a_bits=3)
+    calibrated = tiny2()
+    quantize_model(calibrated, cfg)
+    calibrate_model(calibrated, x, cfg, log=None)
+    states = mp_refined.layer_states(calibrated)
+    other = tiny2()
+    quantize_model(other, qcfg(w_bits=6, a_bits=6))
+    for name, cell in quant_cells(other):
+        mp_refined.apply_state(cell, states[name])
+    set_quant_mode(other, "quantized")
+    with mp_refined.pynative():
+        a = calibrated(Tensor(x)).asnumpy()
+        b = other(Tensor(x)).asnumpy()
+    np.testing.assert_array_equal(a, b)
+    assert mp_refined.layer_states(other).keys() == states.keys()
+    assert all(c.w_q.bits == 3 for _, c in quant_cells(other) if "w" in c.operands)
+
+
+def test_refined_search_on_tiny_model(monkeypatch):
+    cfg = qcfg()
+    report = mp_refined.refined_search(tiny2, tiny_images(8), cfg, log=io.StringIO())
+    assert report["criterion"] == "refined"
+    assert set(report["modules"]) == set(PAPER_TINY_BITS)
+    p = report["params"]
+    assert sum(p[n] * b for n, b in report["modules"].items()) <= 4 * sum(p.values())
+    obj = report["objective"]
+    assert obj["final"] <= min(obj["uniform"], obj["initial"])  # only improving moves are kept
+    assert len(report["history"]) == report["swaps_accepted"] + 1
+    assert report["ended_on_uniform"] == all(b == 4 for b in report["modules"].values())
+    for name, om in report["omega"].items():
+        assert om["4"] == 0.0 and om["2"] > 0  # Ω is the change of L from the uniform nominal model
+    # deterministic, and the same when block inputs are evicted from the reuse cache at once
+    monkeypatch.setattr(mp_refined, "MAX_CACHED_INPUTS", 1)
+    again = mp_refined.refined_search(tiny2, tiny_images(8), cfg, log=io.StringIO())
+    assert again["modules"] == report["modules"] and again["objective"] == obj
+
+
+# ----------------------------------------------------------------------------- quant.py end to end
+def test_quant_refined_result_fields_and_bits_png(tmp_path):
+    # reduced on purpose: 8 calibration images, 10 candidates, 2 rounds, 200 images
+    out = tmp_path / "mp"
+    cfg = defaults()
+    cfg.update(method="vtptq", mixed_precision=True, mp_target="6MP", mp_criterion="refined", calib_num=8,
+               search_candidates=10, max_rounds=2, max_images=200, output=str(out), calib_batch_size=256)
+    quant_script.main(cfg)
+    with open(out / "result.json", encoding="utf-8") as f:
+        saved = json.load(f)
+    assert saved["mp_criterion"] == "refined"
+    assert saved["model_size_mb"] <= saved["mp_target_mb"] + 1e-9
+    assert isinstance(saved["mp_swaps_accepted"], int) and saved["mp_swaps_accepted"] >= 0
+    assert set(saved["mp_bits"]) == {f"blocks.{i}.{k}" for i in range(4) for k in ("attn", "mlp")}
+    for name, bits in saved["mp_bits"].items():
+        block, kind = name.rsplit(".", 1)
+        for suffix in mp.MODULE_LAYERS[kind]:
+            for op, d in saved["layers"][f"{block}.{suffix}"].items():
+                if isinstance(d, dict) and "bits" in d:
+                    assert d["bits"] == bits
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    png = out / "bits.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [p for p in os.listdir(out) if p.startswith(".")]  # no temporary left behind
+
+
+def test_plots_skipped_once_without_matplotlib(tmp_path, monkeypatch, capsys):
+    from src import plots
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    monkeypatch.setattr(plots, "_warned", [])
+    report = {"modules": {"a": 4}, "sensitivity": {"a": 1.0}, "nominal_bits": 4, "candidates": [2, 4, 6]}
+    assert plots.plot_bits(report, str(tmp_path / "bits.png")) is None
+    assert plots.plot_accuracy_size([], str(tmp_path / "acc.png")) is None
+    err = capsys.readouterr().err
+    assert err.count("plots are skipped") == 1
+    assert not (tmp_path / "bits.png").exists()
