@@ -32,7 +32,7 @@ QUANT_KEYS = ["model", "ckpt", "data", "method", "w_bits", "a_bits", "calib_num"
               "search_candidates", "search_rounds", "weight_per_channel", "softmax_unsigned", "quantize_head",
               "quantize_patch_embed", "quantize_matmul1", "quantize_matmul2", "max_rounds", "ranking_loss",
               "ranking_gamma", "ranking_theta", "ranking_pairs", "bias_correction", "mixed_precision", "mp_target", "mp_min_bits",
-              "skip_bad_images", "crop_pct",
+              "ln_reparam", "softmax_quantizer", "gelu_asymmetric", "weight_channel_search", "skip_bad_images", "crop_pct",
               "interpolation", "num_classes", "drop_head", "seed"]
 EVAL_FIELDS = ("num_images", "skipped_images", "top1", "top5", "seconds", "images_per_second")
 SUITE_BITS = (8, 4)
@@ -112,7 +112,9 @@ def main(cfg):
                            save_quantized_checkpoint)
     from src.utils import atomic_write_json
     from src.engine import quantized_checkpoint_model
+    from src.quant.vtptq_plus import resolve_switches
 
+    switches = resolve_switches(cfg)  # null switches -> the method's default; impossible combinations: exit 2
     # quant.py needs full-precision weights: a quantized checkpoint is an error (naming both
     # models when another model was given), before anything is built or written
     qmodel = quantized_checkpoint_model(cfg)
@@ -167,7 +169,8 @@ def main(cfg):
               "method": cfg["method"], "w_bits": cfg["w_bits"], "a_bits": cfg["a_bits"],
               "fp_top1": fp["top1"], "fp_top5": fp["top5"], "calib_num": len(calib_images),
               "calib_seconds": calib_seconds, "model_size_mb": model_size_mb(model), "fp_model_size_mb": fp_size,
-              "quantized_checkpoint": ckpt_path, "layers": layers}
+              "quantized_checkpoint": ckpt_path, **switches, "weight_per_channel": cfg["weight_per_channel"],
+              "layers": layers}
     if mp_report is not None:
         result.update(mp_target=cfg["mp_target"], mp_target_mb=mp_target_mb, mixed_precision=mp_report)
     if dist.enabled:

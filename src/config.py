@@ -35,7 +35,8 @@ DEFAULTS = {
     "output": (None, "output folder for result.json and config.yaml (default outputs/<name>/)"),
     "seed": (0, "global random seed"),
     # quantization (quant.py)
-    "method": ("minmax", "calibration method: minmax, percentile, easyquant, vtptq (the paper's)"),
+    "method": ("minmax", "calibration method: minmax, percentile, easyquant, vtptq (the paper's), vtptq_plus "
+                         "(vtptq with the switches below on)"),
     "w_bits": (8, "weight bit width (2..16)"),
     "a_bits": (8, "activation bit width (2..16)"),
     "weight_per_channel": (False, "one weight interval per output channel instead of per tensor"),
@@ -68,6 +69,14 @@ DEFAULTS = {
     "mp_min_bits": (None, "mixed precision, beyond the paper: leave out candidate widths below this (e.g. 3 keeps "
                           "4MP from giving a module 2 bits); None: the target's candidates"),
     "bias_correction": (True, "vtptq: subtract the expected output error per channel from the bias after each round"),
+    # vtptq_plus switches (src/quant/vtptq_plus.py); None: the method's default, off for vtptq, on for vtptq_plus
+    "ln_reparam": (None, "vtptq_plus: fold per-channel centres and ranges of the qkv / fc1 inputs into the LayerNorm "
+                         "and the next layer (one activation interval per tensor remains)"),
+    "softmax_quantizer": (None, "vtptq_plus: grid of the softmax output: uniform, log2, logsqrt2, or auto (per layer, "
+                                "the best of the three on the calibration objective)"),
+    "gelu_asymmetric": (None, "vtptq_plus: asymmetric grid with a zero point for the post-GELU input of mlp.fc2"),
+    "weight_channel_search": (None, "vtptq_plus: per-output-channel weight intervals, each searched on the layer's "
+                                    "Pearson objective (implies weight_per_channel)"),
     "fp_result": (None, "reuse this result.json of an FP eval (same model, checkpoint, data) instead of "
                         "evaluating the FP model again"),
 }
@@ -76,7 +85,8 @@ CHOICES = {
     "device_target": ("CPU", "GPU", "Ascend"),
     "mode": ("graph", "pynative"),
     "interpolation": (None, "bicubic", "bilinear", "nearest", "lanczos"),
-    "method": ("minmax", "percentile", "easyquant", "vtptq"),
+    "method": ("minmax", "percentile", "easyquant", "vtptq", "vtptq_plus"),
+    "softmax_quantizer": (None, "uniform", "log2", "logsqrt2", "auto"),
     "mp_target": ("4MP", "6MP", "8MP"),
     "calib_input": ("quantized", "fp"),
 }
@@ -92,7 +102,8 @@ RANGES = {"batch_size": (1, None), "max_images": (1, None), "num_workers": (0, N
 # Keys whose default is None but which hold a given type when set.
 TYPES = {"ckpt": str, "num_classes": int, "name": str, "crop_pct": float, "interpolation": str,
          "max_images": int, "save_predictions": str, "output": str, "fp_result": str,
-         "mp_min_bits": int}
+         "mp_min_bits": int, "ln_reparam": bool, "softmax_quantizer": str, "gelu_asymmetric": bool,
+         "weight_channel_search": bool}
 
 
 class ConfigError(ValueError):

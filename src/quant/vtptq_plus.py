@@ -1,0 +1,278 @@
+"""`vtptq_plus`: the paper's similarity search (vtptq) plus later ViT PTQ techniques, each a
+switch (a config key; null = the method's default: off for vtptq, on for vtptq_plus):
+
+  ln_reparam             scale reparameterization after LayerNorm: per-channel centres m_c and
+                         ranges h_c of the inputs of attn.qkv and mlp.fc1 folded into the
+                         LayerNorm (γ' = γ/r, β' = (β - m)/r) and the next layer (W' = W·diag(r),
+                         b' = b + W m), r_c = (h_c / mean h)^α. The deployed layer keeps one
+                         activation interval per tensor. (α, centring) per layer from
+                         {0, 0.5, 1} x {no, yes}, chosen by the layer's Pearson objective on the
+                         calibration images (α = 0 without centring is no fold).
+  softmax_quantizer      grid of the softmax output (matmul2's first operand): uniform, log2,
+                         logsqrt2 (see quantizer.KINDS for their integer forms), or auto: per
+                         layer, the one of unsigned uniform / log2 / log√2 whose search reaches
+                         the best objective on the calibration images.
+  gelu_asymmetric        an asymmetric grid with a zero point for the post-GELU input of mlp.fc2
+                         (z = round(-min / Δ), the minimum over the calibration inputs; Δ searched).
+  weight_channel_search  per-output-channel weight intervals, each channel's searched on its own
+                         (after vtptq's shared multiplier) by coordinate ascent of the layer's
+                         mean per-sample Pearson correlation; implies weight_per_channel.
+
+Every grid has at most 2^b levels at b bits (see quantizer.grid_levels).
+"""
+import numpy as np
+
+from ..config import ConfigError
+from .calibrate import operand_roles, register_method
+from .quantizer import (EPS, LOG_INV_STEP, fake_quant_asym_np, fake_quant_log_np, fake_quant_np, init_scale,
+                        zero_point)
+from .search import LayerProblem, _similarity_from_sums, candidate_grid, evaluate_pair, score_candidates
+from .vtptq import VTPTQ
+
+# key -> (value for vtptq: off, value for vtptq_plus: on)
+SWITCHES = {
+    "ln_reparam": (False, True),
+    "softmax_quantizer": ("uniform", "auto"),
+    "gelu_asymmetric": (False, True),
+    "weight_channel_search": (False, True),
+}
+SOFTMAX_AUTO = ("uniform", "log2", "logsqrt2")
+REPARAM_ALPHAS = (0.0, 0.5, 1.0)
+REPARAM_CANDIDATES = 25  # activation intervals tried per (α, centring) when choosing the fold
+
+
+def resolve_switches(cfg):
+    """Replace null switches by the method's default, in place; a one-line ConfigError for a
+    switch that the method or the other keys cannot honour. Returns {switch: value}."""
+    method = cfg.get("method")
+    plus = method == "vtptq_plus"
+    for key, (off, on) in SWITCHES.items():
+        value = cfg.get(key)
+        if value is None:
+            cfg[key] = on if plus else off
+        elif not plus and value != off:
+            raise ConfigError(f"{key} is {value!r}: a switch of method vtptq_plus; method is {method!r}")
+    if cfg["softmax_quantizer"] != "uniform" and not cfg.get("quantize_matmul2", True):
+        raise ConfigError(f"softmax_quantizer is {cfg['softmax_quantizer']!r}, but quantize_matmul2 is false "
+                          "(the softmax output is not quantized)")
+    if cfg["weight_channel_search"]:
+        if "weight_per_channel" in cfg.get("given_keys", ()) and not cfg.get("weight_per_channel"):
+            raise ConfigError("weight_channel_search is true, but weight_per_channel is false (the search sets "
+                              "one weight interval per output channel)")
+        cfg["weight_per_channel"] = True
+    return {k: cfg[k] for k in SWITCHES}
+
+
+# ----------------------------------------------------------------------------- LayerNorm fold
+def fold_layernorm(norm, dense, shift, ratio):
+    """Fold y' = (y - shift) / ratio into LayerNorm `norm` and the compensating W·diag(ratio),
+    b + W·shift into the next Dense `dense` (in place; float64 maths, float32 parameters)."""
+    shift, ratio = np.asarray(shift, np.float64), np.asarray(ratio, np.float64)
+    gamma, beta = norm.gamma.asnumpy().astype(np.float64), norm.beta.asnumpy().astype(np.float64)
+    w = dense.weight.asnumpy().astype(np.float64)
+    b = dense.bias.asnumpy().astype(np.float64) if dense.has_bias else np.zeros(w.shape[0])
+    from mindspore import Tensor
+    norm.gamma.set_data(Tensor((gamma / ratio).astype(np.float32)))
+    norm.beta.set_data(Tensor(((beta - shift) / ratio).astype(np.float32)))
+    dense.weight.set_data(Tensor((w * ratio[None, :]).astype(np.float32)))
+    if dense.has_bias:
+        dense.bias.set_data(Tensor((b + w @ shift).astype(np.float32)))
+    elif np.any(shift):
+        raise ValueError("fold_layernorm: a shift needs the next layer to have a bias")
+
+
+def reparam_factors(x, alpha, center):
+    """(shift m, ratio r) of the fold for activations x (..., C): m_c the centre of channel c's
+    range (0 without centring), r_c = (h_c / mean h)^α with h_c its half range (max |x - m|)."""
+    flat = x.reshape(-1, x.shape[-1]).astype(np.float64)
+    lo, hi = flat.min(axis=0), flat.max(axis=0)
+    shift = (lo + hi) / 2 if center else np.zeros_like(lo)
+    half = np.maximum(np.maximum(hi - shift, shift - lo), EPS)
+    ratio = (half / half.mean()) ** alpha
+    return shift, ratio
+
+
+def choose_reparam(x, cell, qcfg):
+    """Best (alpha, center, objective) for the layer `cell` (QuantDense) with FP input x
+    (N, T, C): for each candidate fold, the layer's Pearson objective after a search of the
+    activation interval then of the weight interval(s) (max-based start, REPARAM_CANDIDATES
+    candidates each), on the calibration inputs."""
+    w = cell.weight.asnumpy().astype(np.float64)
+    b = cell.bias.asnumpy().astype(np.float64) if cell.has_bias else np.zeros(w.shape[0])
+    target = (x.astype(np.float64) @ w.T + b).astype(np.float32)
+    a_q, w_q = cell.a_q, cell.w_q
+    best = None
+    for center in (False, True):
+        for alpha in REPARAM_ALPHAS:
+            shift, ratio = reparam_factors(x, alpha, center)
+            xs = ((x - shift) / ratio).astype(np.float32)
+            ws = (w * ratio[None, :]).astype(np.float32)
+            problem = LayerProblem(xs, ws, target, bias=(b + w @ shift).astype(np.float32))
+            sw = init_scale(ws, w_q.bits, True, per_channel=cell.per_channel)
+            cand_a = candidate_grid(init_scale(xs, a_q.bits, True), qcfg["search_alpha"], qcfg["search_beta"],
+                                    REPARAM_CANDIDATES)
+            w_hat = fake_quant_np(ws, sw, w_q.bits, True).T
+            scores = score_candidates(problem, "a", cand_a, None, np.ascontiguousarray(w_hat), a_q.bits, True,
+                                      "pearson")
+            x_hat = fake_quant_np(xs, cand_a[int(np.argmax(scores))], a_q.bits, True)
+            cand_w = candidate_grid(sw, qcfg["search_alpha"], qcfg["search_beta"], REPARAM_CANDIDATES)
+            value = float(score_candidates(problem, "b", cand_w, x_hat, None, w_q.bits, True, "pearson").max())
+            if best is None or value > best[2] + 1e-9:
+                best = (alpha, center, value)
+    return best
+
+
+# ----------------------------------------------------------------------------- per-channel weights
+def search_channels(problem, a_hat, current, bits, factors, objective="pearson", sweeps=3):
+    """Per-output-channel weight intervals by coordinate ascent of the layer's mean per-sample
+    objective (Pearson or cosine over the whole output of each sample).
+
+    problem: a dense LayerProblem (weight b (O, K)); a_hat: the quantized input (N, T, K);
+    current: the current per-channel intervals (O, 1), kept as a candidate (so the objective
+    never falls); factors: multipliers of each channel's max-based interval. Channel by
+    channel (Gauss-Seidel, up to `sweeps` passes), the candidate that maximizes the objective
+    with every other channel fixed is taken. Returns (intervals (O, 1), objective before, after)."""
+    w = problem.b
+    n = problem.n
+    o_dim = w.shape[0]
+    x = a_hat.reshape(n, -1, w.shape[1])
+    t = problem.target.reshape(n, x.shape[1], o_dim).astype(np.float64)
+    if objective == "pearson":
+        t = t - t.mean(axis=(1, 2), keepdims=True)
+    t_norm2 = np.einsum("nto,nto->n", t, t)
+    m = problem.out_elems
+    base = init_scale(w, bits, True, per_channel=True).reshape(o_dim)
+    cands = np.concatenate([np.asarray(factors, np.float64)[:, None] * base[None, :],
+                            np.asarray(current, np.float64).reshape(1, o_dim)]).astype(np.float32)  # (C+1, O)
+    num = len(cands)
+    cross = np.empty((num, n, o_dim))
+    s1 = np.empty((num, n, o_dim))
+    s2 = np.empty((num, n, o_dim))
+    bias = 0.0 if problem.bias is None else problem.bias
+    for k in range(num):
+        w_hat = fake_quant_np(w, cands[k][:, None], bits, True)
+        out = (x @ w_hat.T + bias).astype(np.float64)  # (n, T, O)
+        cross[k] = np.einsum("nto,nto->no", out, t)
+        s1[k] = out.sum(axis=1)
+        s2[k] = np.einsum("nto,nto->no", out, out)
+    idx = np.full(o_dim, num - 1)
+    cols = np.arange(o_dim)
+    tot = [a[idx, :, cols].sum(axis=0) for a in (cross, s1, s2)]  # (n,) each
+
+    def value(c_cross, c_s1, c_s2):
+        return _similarity_from_sums(objective, c_cross, c_s1, c_s2, t_norm2, m).mean(axis=-1)
+
+    before = float(value(*tot))
+    for _ in range(sweeps):
+        changed = 0
+        for c in range(o_dim):
+            trial = [tot[i] - a[idx[c], :, c] + a[:, :, c] for i, a in enumerate((cross, s1, s2))]  # (C+1, n)
+            vals = value(*trial)
+            k = int(np.argmax(vals))
+            if k != idx[c] and vals[k] > vals[idx[c]]:
+                tot = [tr[k] for tr in trial]
+                idx[c] = k
+                changed += 1
+        if not changed:
+            break
+    return cands[idx, cols].reshape(o_dim, 1), before, float(value(*tot))
+
+
+# ----------------------------------------------------------------------------- the method
+@register_method
+class VTPTQPlus(VTPTQ):
+    """vtptq with the switches of this module (see the module docstring)."""
+
+    name = "vtptq_plus"
+
+    def __init__(self, qcfg):
+        super().__init__(qcfg)
+        self._lo = {}  # asymmetric operands: cell id -> minimum of the calibration input
+        self.reparam = {}  # folded layers: cell id -> {"alpha", "center", "objective"}
+
+    # --- LayerNorm fold, before each block is calibrated (its FP input x_fp)
+    def before_stage(self, fn, x_fp, batch):
+        from ..models.vit import Block
+        from .calibrate import run_stage
+        if not self.qcfg.get("ln_reparam") or not isinstance(fn, Block):
+            return
+        pairs = ((fn.norm1, fn.attn.qkv), (fn.norm2, fn.mlp.fc1))
+        _, cap = run_stage(fn, x_fp, batch, {norm: "out" for norm, _ in pairs})
+        for norm, dense in pairs:
+            alpha, center, objective = choose_reparam(cap[norm], dense, self.qcfg)
+            if alpha or center:
+                shift, ratio = reparam_factors(cap[norm], alpha, center)
+                fold_layernorm(norm, dense, shift, ratio)
+            self.reparam[id(dense)] = {"alpha": alpha, "center": center, "objective": objective}
+
+    # --- grids other than the uniform one
+    def quantize(self, cell, name, x, scale):
+        q = getattr(cell, f"{name}_q")
+        if q.kind in LOG_INV_STEP:
+            return fake_quant_log_np(x, scale, q.bits, q.kind)
+        if q.kind == "asym":
+            return fake_quant_asym_np(x, scale, zero_point(self._lo[id(cell)], scale, q.bits), q.bits)
+        return super().quantize(cell, name, x, scale)
+
+    def score(self, cell, problem, which, name, candidates, a_hat, b_hat_right, extra):
+        q = getattr(cell, f"{name}_q")
+        if q.kind == "uniform":
+            return super().score(cell, problem, which, name, candidates, a_hat, b_hat_right, extra)
+        return score_candidates(problem, which, candidates, a_hat, b_hat_right, q.bits, q.signed, self.objective,
+                                extra, quant=lambda x, s: self.quantize(cell, name, x, s))
+
+    def initial_scales(self, cell, problem):
+        sa, sb = super().initial_scales(cell, problem)
+        q = cell.a_q
+        if q.kind in LOG_INV_STEP:  # top level of the log grid: the largest value
+            sa = np.full(1, max(float(problem.a.max()), EPS), np.float32)
+        elif q.kind == "asym":
+            lo = min(self._lo[id(cell)], 0.0)
+            sa = np.full(1, max((float(problem.a.max()) - lo) / q.qmax, EPS), np.float32)
+        return sa, sb
+
+    def calibrate(self, cell, problem):
+        q = self.qcfg
+        if cell.a_q.kind == "asym":
+            self._lo[id(cell)] = float(problem.a.min())
+        if getattr(cell, "operands", ()) == ("a", "b") and not cell.is_attention_scores \
+                and q.get("softmax_quantizer") == "auto":
+            sa, sb, info = self._calibrate_softmax_auto(cell, problem)
+        else:
+            sa, sb, info = super().calibrate(cell, problem)
+        if q.get("weight_channel_search") and "w" in cell.operands and cell.per_channel:
+            sb, info["channel_search"] = self._search_channels(cell, problem, sa, sb)
+        if cell.a_q.kind == "asym":
+            zp = zero_point(self._lo[id(cell)], sa, cell.a_q.bits)
+            cell.set_zero_point(zp)
+            info["zero_point"] = float(zp.reshape(-1)[0])
+        if id(cell) in self.reparam:
+            info["ln_reparam"] = self.reparam[id(cell)]
+        return sa, sb, info
+
+    def _calibrate_softmax_auto(self, cell, problem):
+        bits = cell.a_q.bits
+        found = {}
+        for kind in SOFTMAX_AUTO:
+            cell.set_bits("a", bits, signed=False, kind=kind)
+            sa, sb, info = super().calibrate(cell, problem)
+            found[kind] = (max(info["objective"]), sa, sb, info)
+        kind = max(SOFTMAX_AUTO, key=lambda k: found[k][0])  # ties: the first (uniform)
+        cell.set_bits("a", bits, signed=False, kind=kind)
+        _, sa, sb, info = found[kind]
+        info = dict(info, softmax_kind=kind, softmax_objectives={k: v[0] for k, v in found.items()})
+        return sa, sb, info
+
+    def _search_channels(self, cell, problem, sa, sb):
+        q = self.qcfg
+        a_name, b_name = operand_roles(cell)
+        a_hat = self.quantize(cell, a_name, problem.a, sa)
+        factors = np.linspace(q["search_alpha"], q["search_beta"], q["search_candidates"])
+        shape = np.shape(sb)
+        new, before, after = search_channels(problem, a_hat, np.reshape(sb, (-1, 1)), cell.w_q.bits, factors,
+                                             self.objective)
+        new = new.reshape(shape)
+        b_hat = self.quantize(cell, b_name, problem.b_right, problem.right_scale(new))
+        self.after_round(cell, problem, a_hat, b_hat)  # bias correction for the new weight grid
+        final = evaluate_pair(problem, a_hat, b_hat, self.objective)
+        return new, {"objective_before": before, "objective_after": after, "objective_final": final}
