@@ -77,6 +77,8 @@ DEFAULTS = {
     "gelu_asymmetric": (None, "vtptq_plus: asymmetric grid with a zero point for the post-GELU input of mlp.fc2"),
     "weight_channel_search": (None, "vtptq_plus: per-output-channel weight intervals, each searched on the layer's "
                                     "Pearson objective (implies weight_per_channel)"),
+    "recon_iters": (None, "vtptq_plus: Adam steps of learned weight rounding per layer (AdaRound-style, layer-wise "
+                          "MSE; 0: off; None: 0 for vtptq, 500 for vtptq_plus)"),
     "fp_result": (None, "reuse this result.json of an FP eval (same model, checkpoint, data) instead of "
                         "evaluating the FP model again"),
 }
@@ -97,13 +99,13 @@ RANGES = {"batch_size": (1, None), "max_images": (1, None), "num_workers": (0, N
           "percentile": (0.0, 100.0), "search_alpha": (0.0, None), "search_beta": (0.0, None),
           "search_candidates": (1, None), "search_rounds": (1, None), "max_rounds": (1, None),
           "ranking_gamma": (0.0, None), "ranking_theta": (0.0, None), "ranking_pairs": (0, None), "crop_pct": (0.0, None),
-          "mp_min_bits": (2, 16)}
+          "mp_min_bits": (2, 16), "recon_iters": (0, 100000)}
 
 # Keys whose default is None but which hold a given type when set.
 TYPES = {"ckpt": str, "num_classes": int, "name": str, "crop_pct": float, "interpolation": str,
          "max_images": int, "save_predictions": str, "output": str, "fp_result": str,
          "mp_min_bits": int, "ln_reparam": bool, "softmax_quantizer": str, "gelu_asymmetric": bool,
-         "weight_channel_search": bool}
+         "weight_channel_search": bool, "recon_iters": int}
 
 
 class ConfigError(ValueError):

@@ -196,8 +196,8 @@ def test_search_channels_never_worse_and_matches_brute_force_objective():
     def objective(scales):
         out = x @ fake_quant_np(w, scales, 3, True).T + bias
         return float(pearson(target.reshape(6, -1), out.reshape(1, 6, -1)).mean())
-    assert before == pytest.approx(objective(current), abs=1e-9)
-    assert after == pytest.approx(objective(new), abs=1e-9)
+    assert before == pytest.approx(objective(current), abs=1e-6)
+    assert after == pytest.approx(objective(new), abs=1e-6)
     assert after > before + 1e-3
 
 
@@ -322,7 +322,8 @@ def test_plus_with_every_switch_off_is_vtptq():
     """vtptq_plus with all its switches off calibrates exactly as vtptq."""
     scales = []
     for method, extra in (("vtptq", {}), ("vtptq_plus", dict(ln_reparam=False, softmax_quantizer="uniform",
-                                                             gelu_asymmetric=False, weight_channel_search=False))):
+                                                             gelu_asymmetric=False, weight_channel_search=False,
+                                                             recon_iters=0))):
         model = tiny_vit()
         cfg = qcfg(method=method, w_bits=4, a_bits=4, search_candidates=10, max_rounds=3, **extra)
         quantize_model(model, cfg)
@@ -356,3 +357,67 @@ def test_vtptq_w4a4_pinned(tmp_path):
             np.testing.assert_allclose(got[name][op], value, rtol=1e-6, err_msg=f"{name}.{op}")
     assert res["top1"] == pin["top1_first_2000"]
     assert res["model_size_mb"] == pin["model_size_mb"]
+
+
+# ----------------------------------------------------------------------------- export
+INTEGER_OPS = {"MatMulIntegerToFloat", "QLinearMatMul", "MatMulInteger", "QGemm", "DynamicQuantizeMatMul"}
+
+
+@pytest.fixture(scope="module")
+def tiny_plus():
+    """Tiny ViT (depth 1) quantized by vtptq_plus at W4A4 (log√2 softmax, 10 candidates)."""
+    model = tiny_vit(seed=5)
+    model.model_name = "tiny_vit"
+    cfg = qcfg(method="vtptq_plus", w_bits=4, a_bits=4, search_candidates=10, max_rounds=2,
+               softmax_quantizer="logsqrt2", recon_iters=50)
+    quantize_model(model, cfg)
+    calibrate_model(model, tiny_images(32, seed=7), cfg, log=None)
+    set_quant_mode(model, "quantized")
+    model.set_train(False)
+    return model
+
+
+def _logits(model, x):
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    try:
+        return model(Tensor(x)).asnumpy()
+    finally:
+        ms.set_context(mode=ms.GRAPH_MODE)
+
+
+def test_onnx_export_of_plus(tiny_plus, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    from src.export.onnx import export_onnx
+    x = tiny_images(32, seed=9)
+    ref = _logits(tiny_plus, x)
+    path = tmp_path / "plus.onnx"
+    export_onnx(tiny_plus, path)
+    scale = np.abs(ref).max()
+    for level in (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = level
+        if level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL:
+            opts.optimized_model_filepath = str(tmp_path / "opt.onnx")
+        got = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+        diff = np.abs(got - ref).max(axis=1)
+        assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.9
+        assert np.median(diff) <= 0.05 * scale
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
+    # every quantized product but attn·V (log√2 softmax: float ops) runs as an integer kernel
+    assert sum(op in INTEGER_OPS for op in ops) == len(quant_cells(tiny_plus)) - 1
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer}
+    fc2 = dict(quant_cells(tiny_plus))["blocks.0.mlp.fc2"]
+    assert inits["blocks.0.mlp.fc2.a.zero_point"].dtype == np.uint8
+    assert int(inits["blocks.0.mlp.fc2.a.zero_point"]) == int(fc2.a_zero_point.asnumpy()[0])
+
+
+def test_mindir_export_of_plus(tiny_plus, tmp_path):
+    from mindspore import nn
+    from src.export.mindir import export_mindir
+    x = tiny_images(4, seed=11)
+    ref = _logits(tiny_plus, x)
+    path = str(tmp_path / "plus.mindir")
+    export_mindir(tiny_plus, path, 4)
+    got = nn.GraphCell(ms.load(path))(Tensor(x)).asnumpy()
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())

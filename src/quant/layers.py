@@ -43,6 +43,8 @@ class QuantCellMixin:
 
     bias_corr = None  # bias correction (numpy, per output channel); applied while quantized
     _fp_bias = None
+    weight_q = None  # learned weight rounding (vtptq_plus recon_iters): the weight while w is quantized
+    _fp_weight = None
 
     def set_quant(self, weight=None, act=None):
         """Turn quantization of the weight (w) and of the activations (a, b) on or off. With a
@@ -66,7 +68,17 @@ class QuantCellMixin:
         self.bias_corr = np.asarray(corr, np.float32).reshape(self._fp_bias.shape)
         self._apply_bias()
 
+    def set_quantized_weight(self, value):
+        """Use `value` (codes x interval, e.g. from learned rounding) as the weight whenever the
+        weight quantizer is on, and the FP weight while it is off."""
+        if self._fp_weight is None:
+            self._fp_weight = self.weight.asnumpy().copy()
+        self.weight_q = np.asarray(value, np.float32).reshape(self._fp_weight.shape)
+        self._apply_bias()
+
     def _apply_bias(self):
+        if self.weight_q is not None:
+            self.weight.set_data(Tensor(self.weight_q if self.w_on else self._fp_weight))
         if self.bias_corr is not None:
             value = self._fp_bias - self.bias_corr if self.quantizing() else self._fp_bias
             self.bias.set_data(Tensor(value.astype(np.float32)))

@@ -85,7 +85,7 @@ def storage_dtype(bits):
 # Besides the uniform grids above, an operand can have one of these kinds (vtptq_plus):
 #   "log2", "logsqrt2": for the softmax output. L = 2^b - 1 nonzero levels Δ·2^(-e·k), k = 1
 #       (log2) or 1/2 (log√2), e = 0..L-1, plus 0 (code L): 2^b levels in all.
-#         e = max(round(-log2(x / Δ) / k), 0);  x̂ = Δ·2^(-e·k) if e <= L-1, else 0
+#         e = max(round(-log2(x / Δ) / k), 0);  x̂ = Δ·2^(-e·k) if e <= L-1 and x > 0, else 0
 #       Integer form of attn·V with V̂ = Δ_v·v (v integer): Σ_j x̂_j V̂_j = Δ·Δ_v · Σ_j 2^(-e_j·k)·v_j,
 #       for log2 a right shift of v_j by e_j; for log√2 a shift by ⌊e_j/2⌋ and, for odd e_j, a
 #       factor 1/√2 applied once to the sum of the odd-code terms (a fixed-point multiply).
@@ -106,18 +106,18 @@ def fake_quant_log_np(x, scale, bits, kind):
     """x̂ of the log2 / log√2 grid with top level Δ = scale (numpy, float32); see KINDS."""
     inv = np.float32(LOG_INV_STEP[kind])
     last = 2 ** check_bits(bits) - 2  # largest nonzero exponent code
-    y = np.maximum(np.asarray(x, np.float32) / np.asarray(scale, np.float32), np.float32(LOG_TINY))
-    e = np.maximum(np.round(-np.log2(y) * inv), 0).astype(np.float32)
+    y = np.asarray(x, np.float32) / np.asarray(scale, np.float32)
+    e = np.maximum(np.round(-np.log2(np.maximum(y, np.float32(LOG_TINY))) * inv), 0).astype(np.float32)
     out = np.asarray(scale, np.float32) * np.exp2(-e / inv)
-    return np.where(e > last, np.float32(0), out).astype(np.float32)
+    return np.where((e > last) | (y <= 0), np.float32(0), out).astype(np.float32)
 
 
 def log_codes_np(x, scale, bits, kind):
     """Integer codes 0..2^b - 1 of the log grid (2^b - 1 is the zero level)."""
     inv = np.float32(LOG_INV_STEP[kind])
-    y = np.maximum(np.asarray(x, np.float32) / np.asarray(scale, np.float32), np.float32(LOG_TINY))
-    e = np.maximum(np.round(-np.log2(y) * inv), 0)
-    return np.minimum(e, 2 ** check_bits(bits) - 1).astype(np.int32)
+    y = np.asarray(x, np.float32) / np.asarray(scale, np.float32)
+    e = np.maximum(np.round(-np.log2(np.maximum(y, np.float32(LOG_TINY))) * inv), 0)
+    return np.where(y <= 0, 2 ** check_bits(bits) - 1, np.minimum(e, 2 ** bits - 1)).astype(np.int32)
 
 
 def zero_point(lo, scale, bits):
@@ -149,8 +149,9 @@ def grid_levels(bits, kind="uniform", signed=True):
 def fake_quant_log(x, scale, bits, inv_step):
     """MindSpore form of fake_quant_log_np (inv_step 1.0 for log2, 2.0 for log√2)."""
     last = 2 ** bits - 2
-    e = ops.maximum(ops.round(-ops.log2(ops.maximum(x / scale, LOG_TINY)) * inv_step), 0.0)
-    return ops.where(e > last, ops.zeros_like(x), scale * ops.exp2(-e / inv_step))
+    y = x / scale
+    e = ops.maximum(ops.round(-ops.log2(ops.maximum(y, LOG_TINY)) * inv_step), 0.0)
+    return ops.where(ops.logical_or(e > last, y <= 0), ops.zeros_like(x), scale * ops.exp2(-e / inv_step))
 
 
 def fake_quant_asym(x, scale, zp, qmax):

@@ -17,9 +17,14 @@ switch (a config key; null = the method's default: off for vtptq, on for vtptq_p
   weight_channel_search  per-output-channel weight intervals, each channel's searched on its own
                          (after vtptq's shared multiplier) by coordinate ascent of the layer's
                          mean per-sample Pearson correlation; implies weight_per_channel.
+  recon_iters            learned weight rounding (AdaRound-style, layer by layer, MSE of the
+                         layer output from its quantized input) for this many Adam steps per
+                         layer; 0 = off. Kept for a layer only if its Pearson objective improves.
 
 Every grid has at most 2^b levels at b bits (see quantizer.grid_levels).
 """
+import time
+
 import numpy as np
 
 from ..config import ConfigError
@@ -29,12 +34,14 @@ from .quantizer import (EPS, LOG_INV_STEP, fake_quant_asym_np, fake_quant_log_np
 from .search import LayerProblem, _similarity_from_sums, candidate_grid, evaluate_pair, score_candidates
 from .vtptq import VTPTQ
 
+RECON_ITERS = 500  # vtptq_plus's default of recon_iters
 # key -> (value for vtptq: off, value for vtptq_plus: on)
 SWITCHES = {
     "ln_reparam": (False, True),
     "softmax_quantizer": ("uniform", "auto"),
     "gelu_asymmetric": (False, True),
     "weight_channel_search": (False, True),
+    "recon_iters": (0, RECON_ITERS),
 }
 SOFTMAX_AUTO = ("uniform", "log2", "logsqrt2")
 REPARAM_ALPHAS = (0.0, 0.5, 1.0)
@@ -178,6 +185,70 @@ def search_channels(problem, a_hat, current, bits, factors, objective="pearson",
     return cands[idx, cols].reshape(o_dim, 1), before, float(value(*tot))
 
 
+# ----------------------------------------------------------------------------- learned weight rounding
+ZETA, GAMMA = 1.1, -0.1  # rectified sigmoid h(V) = clip(σ(V)·(ζ - γ) + γ, 0, 1) (AdaRound's)
+RECON_LAMBDA = 0.01  # weight of the rounding regularizer (mean over weights) against the normalized MSE
+RECON_LR = 0.01
+RECON_WARMUP = 0.2  # fraction of the iterations without the regularizer; then β anneals 20 -> 2
+
+
+def learn_rounding(x_hat, w, scale, bias, target, bits, iters, seed=0):
+    """Layer-wise learned rounding of the weight (AdaRound-style, MSE of the layer's output).
+
+    x_hat: quantized input (..., K); w: FP weight (O, K); scale: its interval(s) (O, 1) or (1,);
+    bias: (O,) or None; target: FP output (..., O). Each weight between two grid points chooses
+    floor or ceil through h(V) (a rectified sigmoid), optimized with Adam for `iters` steps on
+        ‖X̂ W̃ᵀ + b - Y‖² / ‖X̂ W_nᵀ + b - Y‖²  +  λ · mean(1 - |2h - 1|^β)
+    (W_n: nearest rounding; the products come from the Gram matrices X̂ᵀX̂ and X̂ᵀ(Y - b), so an
+    iteration costs one (O, K) x (K, K) product). Weights outside the grid stay clipped.
+    Returns (W̃ = codes x interval (O, K) float32, mse of W̃, mse of nearest rounding)."""
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    k = w.shape[1]
+    x = x_hat.reshape(-1, k).astype(np.float64)
+    y = target.reshape(-1, w.shape[0]).astype(np.float64) - (0.0 if bias is None else bias)
+    gram = (x.T @ x).astype(np.float32)  # (K, K)
+    cross = (x.T @ y).T.astype(np.float32)  # (O, K)
+    yy = float((y * y).sum())
+    scale = np.broadcast_to(np.asarray(scale, np.float32).reshape(-1, 1), (w.shape[0], 1))
+    ratio = w / scale
+    floor = np.floor(ratio)
+    movable = (floor >= qmin) & (floor + 1 <= qmax)
+    fixed = np.clip(np.round(ratio), qmin, qmax)
+
+    def mse(codes):
+        wt = codes * scale
+        return float(np.einsum("ok,ok->", wt @ gram, wt) - 2 * np.einsum("ok,ok->", wt, cross) + yy)
+
+    nearest = np.where(movable, np.round(ratio), fixed).astype(np.float32)
+    mse0 = max(mse(nearest), 1e-30)
+    rest = np.clip(ratio - floor, 0.01, 0.99)
+    v = (-np.log((ZETA - GAMMA) / (rest - GAMMA) - 1)).astype(np.float32)  # h(v) = rest
+    m_adam, v_adam = np.zeros_like(v), np.zeros_like(v)
+    b1, b2, eps = 0.9, 0.999, 1e-8
+    n_w = float(movable.sum()) or 1.0
+    warm = int(iters * RECON_WARMUP)
+    for it in range(iters):
+        sig = 1.0 / (1.0 + np.exp(-v))
+        raw = sig * (ZETA - GAMMA) + GAMMA
+        h = np.clip(raw, 0, 1)
+        codes = np.where(movable, floor + h, fixed)
+        wt = codes * scale
+        grad_w = (2.0 / mse0) * (wt @ gram - cross)  # d(normalized MSE)/dW̃
+        grad_h = grad_w * scale
+        if it >= warm:
+            beta = 20 + (2 - 20) * (it - warm) / max(1, iters - warm)
+            d = 2 * h - 1
+            grad_h = grad_h + (RECON_LAMBDA / n_w) * (-beta * np.abs(d) ** (beta - 1) * np.sign(d) * 2)
+        grad_v = np.where(movable & (raw > 0) & (raw < 1), grad_h * (ZETA - GAMMA) * sig * (1 - sig), 0)
+        m_adam = b1 * m_adam + (1 - b1) * grad_v
+        v_adam = b2 * v_adam + (1 - b2) * grad_v * grad_v
+        step = RECON_LR * (m_adam / (1 - b1 ** (it + 1))) / (np.sqrt(v_adam / (1 - b2 ** (it + 1))) + eps)
+        v = (v - step).astype(np.float32)
+    h = np.clip(1.0 / (1.0 + np.exp(-v)) * (ZETA - GAMMA) + GAMMA, 0, 1)
+    codes = np.where(movable, floor + (h >= 0.5), fixed).astype(np.float32)
+    return (codes * scale).astype(np.float32), mse(codes), mse0
+
+
 # ----------------------------------------------------------------------------- the method
 @register_method
 class VTPTQPlus(VTPTQ):
@@ -242,6 +313,8 @@ class VTPTQPlus(VTPTQ):
             sa, sb, info = super().calibrate(cell, problem)
         if q.get("weight_channel_search") and "w" in cell.operands and cell.per_channel:
             sb, info["channel_search"] = self._search_channels(cell, problem, sa, sb)
+        if q.get("recon_iters") and "w" in cell.operands:
+            info["reconstruction"] = self._reconstruct(cell, problem, sa, sb)
         if cell.a_q.kind == "asym":
             zp = zero_point(self._lo[id(cell)], sa, cell.a_q.bits)
             cell.set_zero_point(zp)
@@ -262,6 +335,25 @@ class VTPTQPlus(VTPTQ):
         _, sa, sb, info = found[kind]
         info = dict(info, softmax_kind=kind, softmax_objectives={k: v[0] for k, v in found.items()})
         return sa, sb, info
+
+    def _reconstruct(self, cell, problem, sa, sb):
+        """Learned rounding of the weight at its searched interval(s); kept only if the layer's
+        objective on the calibration images improves. Then bias correction again."""
+        t0 = time.time()
+        a_name, b_name = operand_roles(cell)
+        a_hat = self.quantize(cell, a_name, problem.a, sa)
+        w_near = self.quantize(cell, b_name, problem.b_right, problem.right_scale(sb))
+        before = evaluate_pair(problem, a_hat, w_near, self.objective)
+        w_new, mse, mse0 = learn_rounding(a_hat, problem.b, sb, problem.bias, problem.target, cell.w_q.bits,
+                                          self.qcfg["recon_iters"])
+        w_new_right = np.ascontiguousarray(w_new.T)
+        after = evaluate_pair(problem, a_hat, w_new_right, self.objective)
+        kept = after > before
+        if kept:
+            cell.set_quantized_weight(w_new)
+            self.after_round(cell, problem, a_hat, w_new_right)
+        return {"objective_before": before, "objective_after": after, "mse_ratio": mse / mse0, "kept": bool(kept),
+                "iters": self.qcfg["recon_iters"], "seconds": time.time() - t0}
 
     def _search_channels(self, cell, problem, sa, sb):
         q = self.qcfg
