@@ -78,7 +78,7 @@ DEFAULTS = {
     "weight_channel_search": (None, "vtptq_plus: per-output-channel weight intervals, each searched on the layer's "
                                     "Pearson objective (implies weight_per_channel)"),
     "recon_iters": (None, "vtptq_plus: Adam steps of learned weight rounding per layer (AdaRound-style, layer-wise "
-                          "MSE; 0: off; None: 0 for vtptq, 500 for vtptq_plus)"),
+                          "MSE, gated by held-out calibration images; 0: off; None: 0, the default of both methods)"),
     "fp_result": (None, "reuse this result.json of an FP eval (same model, checkpoint, data) instead of "
                         "evaluating the FP model again"),
 }

@@ -204,6 +204,7 @@ def test_search_channels_never_worse_and_matches_brute_force_objective():
 # ----------------------------------------------------------------------------- config
 def test_resolve_switches_defaults():
     plus, paper = qcfg(method="vtptq_plus"), qcfg(method="vtptq")
+    assert plus["recon_iters"] == 0 and paper["recon_iters"] == 0
     assert [plus[k] for k in ("ln_reparam", "softmax_quantizer", "gelu_asymmetric", "weight_channel_search")] == \
         [True, "auto", True, True] and plus["weight_per_channel"] is True
     assert [paper[k] for k in ("ln_reparam", "softmax_quantizer", "gelu_asymmetric", "weight_channel_search")] == \

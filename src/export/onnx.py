@@ -18,6 +18,12 @@ README gives the embedded test split's top-1 of both). Operands wider than 8 bit
 9 or 10) use int16 / uint16 QDQ (opset 21): same codes, but onnxruntime runs that product
 in float32. LayerNorm, softmax, GELU, residuals and an unquantized head stay float.
 
+vtptq_plus grids: the asymmetric post-GELU grid of mlp.fc2 is QDQ with its zero point (uint8),
+so fc2 stays an integer kernel; a log2 / log√2 softmax grid has no onnxruntime kernel and is
+written exactly with float ops (Div, Log, Round, Pow, Where: see _log_quant), so attn·V then
+runs as a float MatMul of the log-grid values and the dequantized V. The LayerNorm fold and
+per-channel weights need nothing new (folded parameters; per-channel DequantizeLinear).
+
 Importing this module does not import onnx or onnxruntime; each function imports what it needs.
 """
 import json
