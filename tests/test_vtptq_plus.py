@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 import pytest
-from _helpers import randomize
+from test_vtptq import TINY_CFG, read_json, restore_mode, tiny_images, tiny_vit  # noqa: F401 (autouse fixture)
 
 import mindspore as ms
 from mindspore import Tensor
@@ -29,35 +29,11 @@ quant_script = importlib.import_module("quant")
 eval_script = importlib.import_module("eval")
 ms.set_device("CPU")
 
-TINY_CFG = dict(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=32, depth=1, num_heads=2)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def restore_mode():
-    mode = ms.get_context("mode")
-    ms.set_context(mode=ms.GRAPH_MODE)
-    yield
-    ms.set_context(mode=mode)
-
-
 def qcfg(**kw):
     cfg = defaults()
     cfg.update(kw)
     resolve_switches(cfg)
     return cfg
-
-
-def tiny_vit(seed=0):
-    return randomize(VisionTransformer(**TINY_CFG), seed)
-
-
-def tiny_images(n=8, seed=1):
-    return np.random.default_rng(seed).standard_normal((n, 1, 28, 28)).astype(np.float32)
-
-
-def read_json(path):
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
 
 
 def error_lines(text):
