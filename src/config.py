@@ -77,6 +77,8 @@ DEFAULTS = {
     "gelu_asymmetric": (None, "vtptq_plus: asymmetric grid with a zero point for the post-GELU input of mlp.fc2"),
     "weight_channel_search": (None, "vtptq_plus: per-output-channel weight intervals, each searched on the layer's "
                                     "Pearson objective (implies weight_per_channel)"),
+    "attn_reparam": (None, "vtptq_plus: fold per-channel factors into Q/K (Q·s, K/s) and V/attn.proj (V/t, proj·t), "
+                           "each chosen per block on the calibration images; None: off in both methods)"),
     "recon_iters": (None, "vtptq_plus: Adam steps of learned weight rounding per layer (AdaRound-style, layer-wise "
                           "MSE, gated by held-out calibration images; 0: off; None: 0, the default of both methods)"),
     "fp_result": (None, "reuse this result.json of an FP eval (same model, checkpoint, data) instead of "
@@ -105,7 +107,8 @@ RANGES = {"batch_size": (1, None), "max_images": (1, None), "num_workers": (0, N
 TYPES = {"ckpt": str, "num_classes": int, "name": str, "crop_pct": float, "interpolation": str,
          "max_images": int, "save_predictions": str, "output": str, "fp_result": str,
          "mp_min_bits": int, "ln_reparam": bool, "softmax_quantizer": str, "gelu_asymmetric": bool,
-         "weight_channel_search": bool, "recon_iters": int}
+         "weight_channel_search": bool, "recon_iters": int,
+         "attn_reparam": bool}
 
 
 class ConfigError(ValueError):

@@ -36,6 +36,14 @@ def qcfg(**kw):
     return cfg
 
 
+def _logits(model, x):
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    try:
+        return model(Tensor(x)).asnumpy()
+    finally:
+        ms.set_context(mode=ms.GRAPH_MODE)
+
+
 def error_lines(text):
     return [ln for ln in text.splitlines() if ln.strip()]
 
@@ -133,6 +141,21 @@ def test_folded_and_unfolded_fp_logits_agree(alpha, center):
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
 
+def test_attention_fold_keeps_fp_logits():
+    """Q·s, K/s and V/t with attn.proj's columns times t leave the FP logits unchanged."""
+    from src.quant.vtptq_plus import fold_attention
+    model = tiny_vit(seed=3)
+    x = tiny_images(6)
+    ref = _logits(model, x)
+    rng = np.random.default_rng(5)
+    attn = model.blocks[0].attn
+    shape = (attn.num_heads, 1, attn.head_dim)
+    fold_attention(attn, np.exp(rng.normal(size=shape)).astype(np.float32),
+                   np.exp(rng.normal(size=shape)).astype(np.float32))
+    got = _logits(model, x)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
 def test_calibration_fold_keeps_fp_logits_and_saves_them(tmp_path):
     """With ln_reparam the FP function of the calibrated model (quantizers off) is the FP
     model's, and the folded LayerNorm / weights are what the checkpoint holds."""
@@ -143,7 +166,7 @@ def test_calibration_fold_keeps_fp_logits_and_saves_them(tmp_path):
     finally:
         ms.set_context(mode=ms.GRAPH_MODE)
     cfg = qcfg(method="vtptq_plus", w_bits=4, a_bits=4, search_candidates=10, max_rounds=2,
-               softmax_quantizer="uniform", gelu_asymmetric=False, weight_channel_search=False)
+               softmax_quantizer="uniform", gelu_asymmetric=False, weight_channel_search=False, attn_reparam=True)
     gamma0 = model.blocks[0].norm1.gamma.asnumpy().copy()
     quantize_model(model, cfg)
     calibrate_model(model, x, cfg, log=None)
@@ -300,7 +323,7 @@ def test_plus_with_every_switch_off_is_vtptq():
     scales = []
     for method, extra in (("vtptq", {}), ("vtptq_plus", dict(ln_reparam=False, softmax_quantizer="uniform",
                                                              gelu_asymmetric=False, weight_channel_search=False,
-                                                             recon_iters=0))):
+                                                             recon_iters=0, attn_reparam=False))):
         model = tiny_vit()
         cfg = qcfg(method=method, w_bits=4, a_bits=4, search_candidates=10, max_rounds=3, **extra)
         quantize_model(model, cfg)
@@ -352,14 +375,6 @@ def tiny_plus():
     set_quant_mode(model, "quantized")
     model.set_train(False)
     return model
-
-
-def _logits(model, x):
-    ms.set_context(mode=ms.PYNATIVE_MODE)
-    try:
-        return model(Tensor(x)).asnumpy()
-    finally:
-        ms.set_context(mode=ms.GRAPH_MODE)
 
 
 def test_onnx_export_of_plus(tiny_plus, tmp_path):

@@ -17,6 +17,11 @@ switch (a config key; null = the method's default: off for vtptq, on for vtptq_p
   weight_channel_search  per-output-channel weight intervals, each channel's searched on its own
                          (after vtptq's shared multiplier) by coordinate ascent of the layer's
                          mean per-sample Pearson correlation; implies weight_per_channel.
+  attn_reparam           per-channel folds inside the attention: Q' = Q·s, K' = K/s (s from the
+                         channel ranges of K and Q) and V' = V/t with attn.proj's weight columns
+                         times t (t from V's channel ranges), folded into attn.qkv's rows and
+                         attn.proj; each with α in {0, 0.5, 1} chosen per block by a Pearson
+                         proxy on the calibration images (α = 0: no fold). Off by default.
   recon_iters            learned weight rounding (AdaRound-style, layer by layer, MSE of the
                          layer output from its quantized input) for this many Adam steps per
                          layer; 0 = off. Kept for a layer only if, learned on 3/4 of the
@@ -43,6 +48,7 @@ SWITCHES = {
     "gelu_asymmetric": (False, True),
     "weight_channel_search": (False, True),
     "recon_iters": (0, RECON_ITERS),
+    "attn_reparam": (False, False),  # built late and measured once (README); off by default in both methods
 }
 SOFTMAX_AUTO = ("uniform", "log2", "logsqrt2")
 REPARAM_ALPHAS = (0.0, 0.5, 1.0)
@@ -128,6 +134,86 @@ def choose_reparam(x, cell, qcfg):
             if best is None or value > best[2] + 1e-9:
                 best = (alpha, center, value)
     return best
+
+
+# ----------------------------------------------------------------------------- attention folds
+def _best_interval_score(problem, which, scale0, other_hat, bits, signed, qcfg):
+    """Best objective over REPARAM_CANDIDATES intervals of one operand (the other fixed)."""
+    cands = candidate_grid(scale0, qcfg["search_alpha"], qcfg["search_beta"], REPARAM_CANDIDATES)
+    if which == "a":
+        return float(score_candidates(problem, "a", cands, None, other_hat, bits, signed, "pearson").max())
+    return float(score_candidates(problem, "b", cands, other_hat, None, bits, signed, "pearson").max())
+
+
+def choose_qk_fold(q, k, bits, qcfg):
+    """Per-channel factors s (H, 1, hd) for Q' = Q·s, K' = K/s (Q·Kᵀ unchanged): s = (max|K_c| /
+    max|Q_c|)^(α/2), α from REPARAM_ALPHAS by the Pearson objective of the scores with Q' and K'
+    quantized (max-based K', searched Q'). Returns (alpha, factors, objective)."""
+    target = np.matmul(q, np.swapaxes(k, -1, -2))
+    ratio = np.maximum(np.abs(k).max(axis=(0, 2), keepdims=True), EPS) / \
+        np.maximum(np.abs(q).max(axis=(0, 2), keepdims=True), EPS)  # (1, H, 1, hd)
+    best = None
+    for alpha in REPARAM_ALPHAS:
+        s = (ratio ** (alpha / 2)).astype(np.float32)
+        qs, ks = q * s, k / s
+        problem = LayerProblem(qs, ks, target, transpose_b=True, b_shared=False)
+        k_hat = fake_quant_np(problem.b_right, init_scale(ks, bits), bits, True)
+        value = _best_interval_score(problem, "a", init_scale(qs, bits), k_hat, bits, True, qcfg)
+        if best is None or value > best[2] + 1e-9:
+            best = (alpha, s[0], value)
+    return best
+
+
+def choose_v_fold(attn, v, proj, bits, qcfg):
+    """Per-channel factors t (H, 1, hd) for V' = V/t and proj's weight columns times t (attn·V·
+    projᵀ unchanged): t = (h_c / mean h)^α with h_c = max|V_c|, α from REPARAM_ALPHAS by the
+    Pearson objective of attn.proj's output with V' quantized (searched), its input quantized
+    (searched) and its weight at the max-based interval(s). Returns (alpha, factors, objective)."""
+    n, heads, tokens, hd = v.shape
+    w = proj.weight.asnumpy()
+    b = proj.bias.asnumpy() if proj.has_bias else None
+    o = np.matmul(attn, v).transpose(0, 2, 1, 3).reshape(n, tokens, heads * hd)
+    target = o @ w.T + (0 if b is None else b)
+    h = np.maximum(np.abs(v).max(axis=(0, 2), keepdims=True), EPS)  # (1, H, 1, hd)
+    best = None
+    for alpha in REPARAM_ALPHAS:
+        t = ((h / h.mean()) ** alpha).astype(np.float32)
+        vs = v / t
+        mm = LayerProblem(attn, vs, np.matmul(attn, vs), transpose_b=False, b_shared=False)
+        cands = candidate_grid(init_scale(vs, bits), qcfg["search_alpha"], qcfg["search_beta"], REPARAM_CANDIDATES)
+        sv = cands[int(np.argmax(score_candidates(mm, "b", cands, attn, None, bits, True, "pearson")))]
+        os_ = np.matmul(attn, fake_quant_np(vs, sv, bits, True)).transpose(0, 2, 1, 3).reshape(n, tokens, -1)
+        ws = (w * t.reshape(1, -1)).astype(np.float32)
+        problem = LayerProblem(os_, ws, target, bias=b)
+        w_hat = fake_quant_np(ws, init_scale(ws, proj.w_q.bits, True, per_channel=proj.per_channel), proj.w_q.bits,
+                              True)
+        value = _best_interval_score(problem, "a", init_scale(os_, bits), np.ascontiguousarray(w_hat.T), bits, True,
+                                     qcfg)
+        if best is None or value > best[2] + 1e-9:
+            best = (alpha, t[0], value)
+    return best
+
+
+def fold_attention(attn, s_qk=None, t_v=None):
+    """Fold Q' = Q·s, K' = K/s and V' = V/t (factors (H, 1, hd) or None) into attn.qkv's rows and
+    t into attn.proj's weight columns, in place (the FP function is unchanged)."""
+    from mindspore import Tensor
+    qkv, proj = attn.qkv, attn.proj
+    w = qkv.weight.asnumpy().astype(np.float64)
+    b = qkv.bias.asnumpy().astype(np.float64) if qkv.has_bias else None
+    dim = w.shape[0] // 3
+    row = np.ones(3 * dim)
+    if s_qk is not None:
+        s = np.asarray(s_qk, np.float64).reshape(-1)
+        row[:dim], row[dim:2 * dim] = s, 1 / s
+    if t_v is not None:
+        t = np.asarray(t_v, np.float64).reshape(-1)
+        row[2 * dim:] = 1 / t
+        pw = proj.weight.asnumpy().astype(np.float64)
+        proj.weight.set_data(Tensor((pw * t[None, :]).astype(np.float32)))
+    qkv.weight.set_data(Tensor((w * row[:, None]).astype(np.float32)))
+    if b is not None:
+        qkv.bias.set_data(Tensor((b * row).astype(np.float32)))
 
 
 # ----------------------------------------------------------------------------- per-channel weights
@@ -266,10 +352,23 @@ class VTPTQPlus(VTPTQ):
     def before_stage(self, fn, x_fp, batch):
         from ..models.vit import Block
         from .calibrate import run_stage
-        if not self.qcfg.get("ln_reparam") or not isinstance(fn, Block):
+        q = self.qcfg
+        if not isinstance(fn, Block) or not (q.get("ln_reparam") or q.get("attn_reparam")):
             return
         pairs = ((fn.norm1, fn.attn.qkv), (fn.norm2, fn.mlp.fc1))
-        _, cap = run_stage(fn, x_fp, batch, {norm: "out" for norm, _ in pairs})
+        capture = {norm: "out" for norm, _ in pairs}
+        if q.get("attn_reparam"):
+            capture.update({fn.attn.matmul1: "in", fn.attn.matmul2: "in"})
+        _, cap = run_stage(fn, x_fp, batch, capture)
+        if q.get("attn_reparam"):
+            attn = fn.attn
+            a_qk, s_qk, obj_qk = choose_qk_fold(*cap[attn.matmul1], attn.matmul1.a_q.bits, q)
+            a_v, t_v, obj_v = choose_v_fold(*cap[attn.matmul2], attn.proj, attn.matmul2.b_q.bits, q)
+            fold_attention(attn, s_qk if a_qk else None, t_v if a_v else None)
+            self.reparam[id(attn.matmul1)] = {"alpha": a_qk, "objective": obj_qk}
+            self.reparam[id(attn.proj)] = {"alpha_v": a_v, "objective_v": obj_v}
+        if not q.get("ln_reparam"):
+            return
         for norm, dense in pairs:
             alpha, center, objective = choose_reparam(cap[norm], dense, self.qcfg)
             if alpha or center:
@@ -321,7 +420,7 @@ class VTPTQPlus(VTPTQ):
             cell.set_zero_point(zp)
             info["zero_point"] = float(zp.reshape(-1)[0])
         if id(cell) in self.reparam:
-            info["ln_reparam"] = self.reparam[id(cell)]
+            info["reparam"] = self.reparam[id(cell)]
         return sa, sb, info
 
     def _calibrate_softmax_auto(self, cell, problem):
