@@ -34,7 +34,9 @@ QUANT_KEYS = ["model", "ckpt", "data", "method", "w_bits", "a_bits", "calib_num"
               "calib_split", "calib_batch_size", "calib_input", "percentile", "search_alpha", "search_beta",
               "search_candidates", "search_rounds", "weight_per_channel", "softmax_unsigned", "quantize_head",
               "quantize_patch_embed", "quantize_matmul1", "quantize_matmul2", "max_rounds", "ranking_loss",
-              "ranking_gamma", "ranking_theta", "ranking_pairs", "bias_correction", "mixed_precision", "mp_target", "mp_min_bits", "mp_criterion",
+              "ranking_gamma", "ranking_theta", "ranking_pairs", "bias_correction", "mixed_precision", "mp_target",
+              "mp_min_bits", "mp_criterion",
+              "ln_reparam", "softmax_quantizer", "gelu_asymmetric", "weight_channel_search", "recon_iters", "attn_reparam",
               "skip_bad_images", "crop_pct",
               "interpolation", "num_classes", "drop_head", "seed"]
 EVAL_FIELDS = ("num_images", "skipped_images", "top1", "top5", "seconds", "images_per_second")
@@ -111,9 +113,11 @@ def main(cfg):
     from src.engine import quantized_checkpoint_model, setup_context
     from src.models import get_data_config
     from src.quant.calibrate import METHODS, is_shardable
+    from src.quant.vtptq_plus import resolve_switches
     from src.utils import RunOutput
 
     check_config(cfg)  # also for configs built in code (run_embedded_suite, benchmarks)
+    resolve_switches(cfg)  # null switches -> the method's default; impossible combinations: exit 2
     # quant.py needs full-precision weights: a quantized checkpoint is an error (naming both
     # models when another model was given), before anything is built or written
     qmodel = quantized_checkpoint_model(cfg)
@@ -156,6 +160,7 @@ def _quantize(cfg, dataset, calib_images, shardable, dist, out):
     from src.distributed import all_gather, calibration_shard, evaluate_sharded, gather_counts, sync_calibration
     from src.engine import build_model, resolve_checkpoint
     from src.quant import calibrate_model, layer_report, model_size_mb, quantize_model, save_quantized_checkpoint
+    from src.quant.vtptq_plus import SWITCHES
     from src.utils import atomic_write_json
     if dist.is_main:
         save_config(cfg, out.path("config.yaml"))
@@ -193,7 +198,8 @@ def _quantize(cfg, dataset, calib_images, shardable, dist, out):
               "calib_shards": dist.size if shardable else 1, "calib_images_per_rank": calib_per_rank,
               "calib_seconds": calib_seconds, "calib_cpu_seconds": calib_cpu_seconds,
               "model_size_mb": model_size_mb(model), "fp_model_size_mb": fp_size,
-              "quantized_checkpoint": ckpt_path, "layers": layers}
+              "quantized_checkpoint": ckpt_path, **{k: cfg[k] for k in SWITCHES},
+              "weight_per_channel": cfg["weight_per_channel"], "layers": layers}
     if mp_report is not None:
         result.update(mp_target=cfg["mp_target"], mp_target_mb=mp_target_mb,
                       mp_criterion=cfg.get("mp_criterion", "paper"), mp_bits=mp_report["modules"])

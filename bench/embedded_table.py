@@ -1,9 +1,10 @@
 """The embedded benchmark: top-1 of every method and of the paper's method with each of its
 components switched on and off, on the embedded model and its 10,000 test images, at W8A8,
-W6A6 and W4A4, plus mixed precision at the 6-bit and 4-bit sizes (the paper's criterion and
-the refined one), with calibration seconds.
+W6A6, W4A4 and W3A3, plus mixed precision at the 6-bit and 4-bit sizes (the paper's criterion
+and the refined one), with calibration seconds; and vtptq_plus with each of its switches alone
+and all of them on.
 
-    python bench/embedded_table.py [--calib-num 32] [--bits 8,6,4] [--output outputs/embedded_table]
+    python bench/embedded_table.py [--calib-num 32] [--bits 8,6,4,3] [--output outputs/embedded_table]
     python bench/embedded_table.py --plot-only [--output outputs/embedded_table]
 
 Writes OUTPUT/summary.md (rewritten after each run), one folder per run with its
@@ -30,6 +31,18 @@ VARIANTS = [
     ("vtptq_biascorr", {"method": "vtptq", "ranking_loss": False, "bias_correction": True}),
     ("vtptq_all", {"method": "vtptq", "ranking_loss": True, "bias_correction": True}),
 ]
+# vtptq_plus: each switch alone (the others off), then all on (the method's defaults)
+_PLUS_OFF = {"method": "vtptq_plus", "ln_reparam": False, "softmax_quantizer": "uniform", "gelu_asymmetric": False,
+             "weight_channel_search": False, "recon_iters": 0}
+PLUS_VARIANTS = [
+    ("plus_ln_reparam", dict(_PLUS_OFF, ln_reparam=True)),
+    ("plus_softmax_auto", dict(_PLUS_OFF, softmax_quantizer="auto")),
+    ("plus_gelu_asym", dict(_PLUS_OFF, gelu_asymmetric=True)),
+    ("plus_channel_search", dict(_PLUS_OFF, weight_channel_search=True)),
+    ("plus_recon", dict(_PLUS_OFF, recon_iters=500)),
+    ("vtptq_plus", {"method": "vtptq_plus"}),
+]
+VARIANTS = VARIANTS + PLUS_VARIANTS
 MP_VARIANTS = [(label, {"method": "vtptq", "mixed_precision": True, "mp_target": t, "mp_criterion": crit})
                for label, crit in (("vtptq_mp", "paper"), ("vtptq_mp_refined", "refined")) for t in ("6MP", "4MP")]
 PLOT_BITS = range(2, 17)
@@ -60,7 +73,7 @@ def plot(out_root):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--calib-num", type=int, default=32)
-    p.add_argument("--bits", default="8,6,4", help="uniform bit widths, comma-separated")
+    p.add_argument("--bits", default="8,6,4,3", help="uniform bit widths, comma-separated")
     p.add_argument("--no-mp", action="store_true", help="skip the mixed-precision rows")
     p.add_argument("--variants", help="comma-separated subset of: " + ", ".join(v for v, _ in VARIANTS))
     p.add_argument("--output", default=os.path.join("outputs", "embedded_table"))

@@ -91,7 +91,7 @@ def main(argv=None):
     for name in names:
         cfg_path = os.path.join(REPO, "configs", name + ".yaml")
         cfg = load_yaml(cfg_path)
-        row = {"config": name, "paper": float(paper[name]["paper_top1"]) if name in paper else None}
+        row = {"config": name, "paper": float(paper[name]["paper_top1"]) if paper.get(name, {}).get("paper_top1") else None}
         rows.append(row)
         out = os.path.join(args.output, name)
         try:

@@ -36,7 +36,8 @@ DEFAULTS = {
     "output": (None, "output folder for result.json and config.yaml (default outputs/<name>/)"),
     "seed": (0, "global random seed"),
     # quantization (quant.py)
-    "method": ("minmax", "calibration method: minmax, percentile, easyquant, vtptq (the paper's)"),
+    "method": ("minmax", "calibration method: minmax, percentile, easyquant, vtptq (the paper's), vtptq_plus "
+                         "(vtptq with the switches below on)"),
     "w_bits": (8, "weight bit width (2..16)"),
     "a_bits": (8, "activation bit width (2..16)"),
     "weight_per_channel": (False, "one weight interval per output channel instead of per tensor"),
@@ -72,6 +73,18 @@ DEFAULTS = {
                               "other modules in FP, exact knapsack) or 'refined' (beyond the paper: end-to-end KL of "
                               "the logits on the calibration set, knapsack then a local search of bit swaps)"),
     "bias_correction": (True, "vtptq: subtract the expected output error per channel from the bias after each round"),
+    # vtptq_plus switches (src/quant/vtptq_plus.py); None: the method's default, off for vtptq, on for vtptq_plus
+    "ln_reparam": (None, "vtptq_plus: fold per-channel centres and ranges of the qkv / fc1 inputs into the LayerNorm "
+                         "and the next layer (one activation interval per tensor remains)"),
+    "softmax_quantizer": (None, "vtptq_plus: grid of the softmax output: uniform, log2, logsqrt2, or auto (per layer, "
+                                "the best of the three on the calibration objective)"),
+    "gelu_asymmetric": (None, "vtptq_plus: asymmetric grid with a zero point for the post-GELU input of mlp.fc2"),
+    "weight_channel_search": (None, "vtptq_plus: per-output-channel weight intervals, each searched on the layer's "
+                                    "Pearson objective (implies weight_per_channel)"),
+    "attn_reparam": (None, "vtptq_plus: fold per-channel factors into Q/K (Q·s, K/s) and V/attn.proj (V/t, proj·t), "
+                           "each chosen per block on the calibration images; None: off in both methods)"),
+    "recon_iters": (None, "vtptq_plus: Adam steps of learned weight rounding per layer (AdaRound-style, layer-wise "
+                          "MSE, gated by held-out calibration images; 0: off; None: 0, the default of both methods)"),
     "fp_result": (None, "reuse this result.json of an FP eval (same model, checkpoint, data) instead of "
                         "evaluating the FP model again"),
 }
@@ -80,7 +93,8 @@ CHOICES = {
     "device_target": ("CPU", "GPU", "Ascend"),
     "mode": ("graph", "pynative"),
     "interpolation": (None, "bicubic", "bilinear", "nearest", "lanczos"),
-    "method": ("minmax", "percentile", "easyquant", "vtptq"),
+    "method": ("minmax", "percentile", "easyquant", "vtptq", "vtptq_plus"),
+    "softmax_quantizer": (None, "uniform", "log2", "logsqrt2", "auto"),
     "mp_target": ("4MP", "6MP", "8MP"),
     "mp_criterion": ("paper", "refined"),
     "calib_input": ("quantized", "fp"),
@@ -95,7 +109,7 @@ RANGES = {"batch_size": (1, 65536), "max_images": (1, None), "num_workers": (0, 
           "percentile": (0.0, 100.0), "search_alpha": (0.0, None), "search_beta": (0.0, None),
           "search_candidates": (1, 10000), "search_rounds": (1, 1000), "max_rounds": (1, 1000),
           "ranking_gamma": (0.0, None), "ranking_theta": (0.0, None), "ranking_pairs": (0, None), "crop_pct": (0.1, 2.0),
-          "mp_min_bits": (2, 16)}
+          "mp_min_bits": (2, 16), "recon_iters": (0, 100000)}
 
 # Keys whose lower bound is excluded (a value must be above it).
 OPEN_LOW = {"percentile", "search_alpha"}
@@ -106,7 +120,9 @@ MAX_CONFIG_BYTES = 1 << 20
 # Keys whose default is None but which hold a given type when set.
 TYPES = {"ckpt": str, "num_classes": int, "name": str, "crop_pct": float, "interpolation": str,
          "max_images": int, "save_predictions": str, "output": str, "fp_result": str,
-         "mp_min_bits": int}
+         "mp_min_bits": int, "ln_reparam": bool, "softmax_quantizer": str, "gelu_asymmetric": bool,
+         "weight_channel_search": bool, "recon_iters": int,
+         "attn_reparam": bool}
 
 
 class ConfigError(ValueError):

@@ -32,7 +32,7 @@ def randomize(model, seed=0):
     rng = np.random.default_rng(seed)
     for name, p in model.parameters_and_names():
         leaf, shape = name.rsplit(".", 1)[-1], tuple(p.shape)
-        if leaf in ("w_scale", "a_scale", "b_scale"):
+        if leaf in ("w_scale", "a_scale", "b_scale", "a_zero_point"):
             continue
         if leaf == "weight":
             v = rng.standard_normal(shape) / math.sqrt(np.prod(shape[1:]))

@@ -18,6 +18,12 @@ README gives the embedded test split's top-1 of both). Operands wider than 8 bit
 9 or 10) use int16 / uint16 QDQ (opset 21): same codes, but onnxruntime runs that product
 in float32. LayerNorm, softmax, GELU, residuals and an unquantized head stay float.
 
+vtptq_plus grids: the asymmetric post-GELU grid of mlp.fc2 is QDQ with its zero point (uint8),
+so fc2 stays an integer kernel; a log2 / log√2 softmax grid has no onnxruntime kernel and is
+written exactly with float ops (Div, Log, Round, Pow, Where: see _log_quant), so attn·V then
+runs as a float MatMul of the log-grid values and the dequantized V. The LayerNorm fold and
+per-channel weights need nothing new (folded parameters; per-channel DequantizeLinear).
+
 Importing this module does not import onnx or onnxruntime; each function imports what it needs.
 """
 import json
@@ -71,16 +77,42 @@ def _q_dtype(bits, signed):
     return np.int16 if signed else np.uint16
 
 
-def _qdq_activation(g, x, scale, q, prefix):
-    """x -> [Clip] -> QuantizeLinear -> DequantizeLinear with a per-tensor interval `scale`."""
+def _qdq_activation(g, x, scale, q, prefix, zero_point=0):
+    """x -> [Clip] -> QuantizeLinear -> DequantizeLinear with a per-tensor interval `scale` (and,
+    for an asymmetric grid, its zero point); a log2 / log√2 grid is written with float ops."""
+    if q.inv_step > 0:
+        return _log_quant(g, x, scale, q, prefix)
     dtype = _q_dtype(q.bits, q.signed)
     s = np.float32(np.asarray(scale, np.float32).reshape(-1)[0])
+    z = int(round(float(np.asarray(zero_point).reshape(-1)[0])))
     info = np.iinfo(dtype)
     if (q.qmin, q.qmax) != (info.min, info.max):  # narrower grid than the storage type: clip first
-        x = g.op("Clip", [x, g.const(f"{prefix}.clip_min", np.float32(q.qmin) * s),
-                          g.const(f"{prefix}.clip_max", np.float32(q.qmax) * s)], prefix)
-    sc, zp = g.const(f"{prefix}.scale", s), g.const(f"{prefix}.zero_point", 0, dtype)
+        x = g.op("Clip", [x, g.const(f"{prefix}.clip_min", np.float32(q.qmin - z) * s),
+                          g.const(f"{prefix}.clip_max", np.float32(q.qmax - z) * s)], prefix)
+    sc, zp = g.const(f"{prefix}.scale", s), g.const(f"{prefix}.zero_point", z, dtype)
     return g.op("DequantizeLinear", [g.op("QuantizeLinear", [x, sc, zp], prefix), sc, zp], prefix)
+
+
+def _log_quant(g, x, scale, q, prefix):
+    """The log2 / log√2 grid of src.quant.quantizer (vtptq_plus softmax output) in float ops:
+    e = max(round(-log2(max(x / Δ, tiny)) / k), 0); x̂ = 0 if e > 2^b - 2 or x <= 0, else Δ·2^(-e·k).
+    onnxruntime has no integer kernel for it: the product with V then runs in float32."""
+    from ..quant.quantizer import LOG_TINY
+    s = np.float32(np.asarray(scale, np.float32).reshape(-1)[0])
+    ratio = g.op("Div", [x, g.const(f"{prefix}.scale", s)], prefix)
+    y = g.op("Max", [ratio, g.const(f"{prefix}.tiny", np.float32(LOG_TINY))], prefix)
+    log2 = g.op("Div", [g.op("Log", [y], prefix), g.const(f"{prefix}.ln2", np.float32(np.log(2.0)))], prefix)
+    e = g.op("Round", [g.op("Mul", [log2, g.const(f"{prefix}.neg_inv_step", np.float32(-q.inv_step))], prefix)],
+             prefix)
+    e = g.op("Max", [e, g.const(f"{prefix}.zero", np.float32(0))], prefix)
+    level = g.op("Mul", [g.const(f"{prefix}.top", s),
+                         g.op("Pow", [g.const(f"{prefix}.two", np.float32(2)),
+                                      g.op("Div", [g.op("Neg", [e], prefix),
+                                                   g.const(f"{prefix}.inv_step", np.float32(q.inv_step))], prefix)],
+                              prefix)], prefix)
+    zero = g.op("Or", [g.op("Greater", [e, g.const(f"{prefix}.last", np.float32(2 ** q.bits - 2))], prefix),
+                       g.op("LessOrEqual", [ratio, g.const(f"{prefix}.zero_ratio", np.float32(0))], prefix)], prefix)
+    return g.op("Where", [zero, g.const(f"{prefix}.zero_level", np.float32(0)), level], prefix)
 
 
 def _linear(g, x, weight, bias, prefix, cell=None):
@@ -99,7 +131,8 @@ def _linear(g, x, weight, bias, prefix, cell=None):
         zp = g.const(f"{prefix}.w_zero_point", np.zeros(w_scale.size, dtype) if per_channel else 0, dtype)
         wq = g.const(f"{prefix}.weight_int", codes.T, dtype)
         w = g.op("DequantizeLinear", [wq, sc, zp], prefix, **({"axis": 1} if per_channel else {}))
-        x = _qdq_activation(g, x, cell.get_scale("a"), cell.a_q, f"{prefix}.a")
+        zp = cell.a_zero_point.asnumpy() if getattr(cell, "asym", False) else 0
+        x = _qdq_activation(g, x, cell.get_scale("a"), cell.a_q, f"{prefix}.a", zp)
         y = g.op("MatMul", [x, w], prefix)
     if bias is not None:
         # With a fixed batch (static shapes), onnxruntime's MatMulAddFusion rewrites MatMul + 1-D

@@ -185,27 +185,38 @@ class AlternatingSearch(Method):
         """Hook after each round, given both operands quantized at the round's intervals; may
         replace problem.bias (bias correction in the paper's method)."""
 
+    def quantize(self, cell, name, x, scale):
+        """Fake-quantize operand `name` ('a', 'b' or 'w') of `cell` (numpy) at interval `scale`;
+        x in the layout of problem.a / problem.b_right (scale likewise)."""
+        q = getattr(cell, f"{name}_q")
+        return fake_quant_np(x, scale, q.bits, q.signed)
+
+    def score(self, cell, problem, which, name, candidates, a_hat, b_hat_right, extra):
+        """Mean objective of each candidate interval of operand `which` (see score_candidates)."""
+        q = getattr(cell, f"{name}_q")
+        return score_candidates(problem, which, candidates, a_hat, b_hat_right, q.bits, q.signed, self.objective,
+                                extra)
+
     def calibrate(self, cell, problem):
         q = self.qcfg
         a_name, b_name = operand_roles(cell)
-        a_q, b_q = getattr(cell, f"{a_name}_q"), getattr(cell, f"{b_name}_q")
         sa0, sb0 = self.initial_scales(cell, problem)
         sa, sb = sa0, sb0
         cand_a = candidate_grid(sa0, q["search_alpha"], q["search_beta"], q["search_candidates"])
         cand_b = candidate_grid(sb0, q["search_alpha"], q["search_beta"], q["search_candidates"])
         extra = self.extra_loss(cell, problem)
-        a_hat = fake_quant_np(problem.a, sa, a_q.bits, a_q.signed)
-        b_hat = fake_quant_np(problem.b_right, problem.right_scale(sb), b_q.bits, b_q.signed)
+        a_hat = self.quantize(cell, a_name, problem.a, sa)
+        b_hat = self.quantize(cell, b_name, problem.b_right, problem.right_scale(sb))
         start = evaluate_pair(problem, a_hat, b_hat, self.objective, extra)
         best = (start, sa, sb, problem.bias)
         history = [start]
         for _ in range(self.rounds()):
-            scores = score_candidates(problem, "b", cand_b, a_hat, None, b_q.bits, b_q.signed, self.objective, extra)
+            scores = self.score(cell, problem, "b", b_name, cand_b, a_hat, None, extra)
             sb = cand_b[int(np.argmax(scores))]
-            b_hat = fake_quant_np(problem.b_right, problem.right_scale(sb), b_q.bits, b_q.signed)
-            scores = score_candidates(problem, "a", cand_a, None, b_hat, a_q.bits, a_q.signed, self.objective, extra)
+            b_hat = self.quantize(cell, b_name, problem.b_right, problem.right_scale(sb))
+            scores = self.score(cell, problem, "a", a_name, cand_a, None, b_hat, extra)
             sa = cand_a[int(np.argmax(scores))]
-            a_hat = fake_quant_np(problem.a, sa, a_q.bits, a_q.signed)
+            a_hat = self.quantize(cell, a_name, problem.a, sa)
             value = float(scores.max())
             history.append(value)
             improved = value > best[0]
@@ -215,8 +226,8 @@ class AlternatingSearch(Method):
                 break
             self.after_round(cell, problem, a_hat, b_hat)
         _, sa, sb, problem.bias = best
-        a_hat = fake_quant_np(problem.a, sa, a_q.bits, a_q.signed)
-        b_hat = fake_quant_np(problem.b_right, problem.right_scale(sb), b_q.bits, b_q.signed)
+        a_hat = self.quantize(cell, a_name, problem.a, sa)
+        b_hat = self.quantize(cell, b_name, problem.b_right, problem.right_scale(sb))
         self.after_round(cell, problem, a_hat, b_hat)  # the correction of the intervals returned
         return sa, sb, {"objective": history, "rounds": len(history) - 1}
 
@@ -309,6 +320,8 @@ def calibrate_model(model, images, qcfg, log=sys.stderr):
     start = time.time()
     with calibration_session(model) as cells:
         for _, fn, names in model_stages(model):
+            if hasattr(method, "before_stage"):  # e.g. vtptq_plus folds LayerNorm scales into the stage
+                method.before_stage(fn, x_fp, batch)
             report.update(calibrate_stage(method, cells, fn, names, x_fp, x_q, batch, log, start))
             # advance both paths to the next stage
             _set_quant(cells, names, False)

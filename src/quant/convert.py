@@ -83,15 +83,24 @@ def quantize_model(model, qcfg, layer_bits=None):
         if isinstance(cell, nn.Conv2d):
             new = quant_conv_from(cell, wb, ab, per_channel)
         elif isinstance(cell, nn.Dense):
-            new = quant_dense_from(cell, wb, ab, per_channel)
+            asym = name.endswith("mlp.fc2") and bool(qcfg.get("gelu_asymmetric"))  # vtptq_plus
+            new = quant_dense_from(cell, wb, ab, per_channel, asym=asym)
         else:
             unsigned = name.endswith("matmul2") and qcfg.get("softmax_unsigned", False)
-            new = quant_matmul_from(cell, ab, bits.get("b", ab), a_signed=not unsigned)
+            kind = softmax_kind(qcfg) if name.endswith("matmul2") else "uniform"
+            new = quant_matmul_from(cell, ab, bits.get("b", ab), a_signed=not unsigned, a_kind=kind)
             if name.endswith("matmul1"):  # Q·Kᵀ: its output times the attention's scale is the score matrix
                 new.is_attention_scores = True
                 new.scores_scale = float(cells[name.rpartition(".")[0]].scale)
         _set_child(model, name, new)
     return names
+
+
+def softmax_kind(qcfg):
+    """Initial grid kind of the softmax output (vtptq_plus's softmax_quantizer; 'auto' starts
+    from log2 and calibration picks per layer)."""
+    choice = qcfg.get("softmax_quantizer") or "uniform"
+    return "log2" if choice == "auto" else choice
 
 
 def quant_cells(model):
@@ -109,7 +118,7 @@ def set_quant_mode(model, mode):
 
 
 def _is_scale(name):
-    return name.rsplit(".", 1)[-1] in ("w_scale", "a_scale", "b_scale")
+    return name.rsplit(".", 1)[-1] in ("w_scale", "a_scale", "b_scale", "a_zero_point")
 
 
 def check_calibrated(qcells):
@@ -305,6 +314,7 @@ def load_quantized_checkpoint(path, model_name=None):
         return params[key]
 
     qcfg["weight_per_channel"] = any(entry(f"{n}.w_scale").shape[0] > 1 for n in layers if "w" in layers[n])
+    qcfg["gelu_asymmetric"] = any(d.get("a", {}).get("kind") == "asym" for d in layers.values())
     layer_bits = {n: {op: v["bits"] for op, v in d.items() if op != "type"} for n, d in layers.items()}
     names = quantize_model(model, qcfg, layer_bits)
     if sorted(names) != sorted(layers):
@@ -317,7 +327,7 @@ def load_quantized_checkpoint(path, model_name=None):
         for op in cell.operands:
             if op not in d:
                 raise ValueError(f"{path}: quant_meta layers.{name} has no operand '{op}'")
-            cell.set_bits(op, d[op]["bits"], d[op]["signed"])
+            cell.set_bits(op, d[op]["bits"], d[op]["signed"], d[op].get("kind", "uniform"))
             try:
                 cell.set_scale(op, entry(f"{name}.{op}_scale").asnumpy())
             except ValueError as e:  # wrong shape, not finite, not positive

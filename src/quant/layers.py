@@ -11,7 +11,7 @@ import numpy as np
 from mindspore import nn, ops, Parameter, Tensor
 
 from ..models.vit import MatMul, patch_conv
-from .quantizer import check_bits, fake_quant, qrange
+from .quantizer import LOG_INV_STEP, check_bits, check_kind, fake_quant, fake_quant_asym, fake_quant_log, qrange
 
 
 def _scale_param(shape, name):
@@ -19,15 +19,21 @@ def _scale_param(shape, name):
 
 
 class _QuantOperand:
-    """Bits, signedness and integer range of one quantized operand."""
+    """Bits, signedness, integer range and grid kind of one quantized operand (kind: 'uniform',
+    or for vtptq_plus 'log2' / 'logsqrt2' / 'asym', see quantizer.KINDS; those are unsigned)."""
 
-    def __init__(self, bits, signed=True):
+    def __init__(self, bits, signed=True, kind="uniform"):
         self.bits = check_bits(bits)
-        self.signed = bool(signed)
+        self.kind = check_kind(kind)
+        self.signed = bool(signed) and kind == "uniform"
         self.qmin, self.qmax = qrange(self.bits, self.signed)
+        self.inv_step = LOG_INV_STEP.get(kind, 0.0)  # > 0 for a log grid
 
     def as_dict(self):
-        return {"bits": self.bits, "signed": self.signed}
+        d = {"bits": self.bits, "signed": self.signed}
+        if self.kind != "uniform":
+            d["kind"] = self.kind
+        return d
 
 
 class QuantCellMixin:
@@ -37,6 +43,8 @@ class QuantCellMixin:
 
     bias_corr = None  # bias correction (numpy, per output channel); applied while quantized
     _fp_bias = None
+    weight_q = None  # learned weight rounding (vtptq_plus recon_iters): the weight while w is quantized
+    _fp_weight = None
 
     def set_quant(self, weight=None, act=None):
         """Turn quantization of the weight (w) and of the activations (a, b) on or off. With a
@@ -60,14 +68,27 @@ class QuantCellMixin:
         self.bias_corr = np.asarray(corr, np.float32).reshape(self._fp_bias.shape)
         self._apply_bias()
 
+    def set_quantized_weight(self, value):
+        """Use `value` (codes x interval, e.g. from learned rounding) as the weight whenever the
+        weight quantizer is on, and the FP weight while it is off."""
+        if self._fp_weight is None:
+            self._fp_weight = self.weight.asnumpy().copy()
+        self.weight_q = np.asarray(value, np.float32).reshape(self._fp_weight.shape)
+        self._apply_bias()
+
     def _apply_bias(self):
+        if self.weight_q is not None:
+            self.weight.set_data(Tensor(self.weight_q if self.w_on else self._fp_weight))
         if self.bias_corr is not None:
             value = self._fp_bias - self.bias_corr if self.quantizing() else self._fp_bias
             self.bias.set_data(Tensor(value.astype(np.float32)))
 
-    def set_bits(self, name, bits, signed=None):
+    def set_bits(self, name, bits, signed=None, kind=None):
         q = getattr(self, f"{name}_q")
-        setattr(self, f"{name}_q", _QuantOperand(bits, q.signed if signed is None else signed))
+        kind = q.kind if kind is None else kind
+        if kind == "asym" and not hasattr(self, f"{name}_zero_point"):
+            raise ValueError(f"operand '{name}' of {type(self).__name__} has no zero point (create the cell with asym)")
+        setattr(self, f"{name}_q", _QuantOperand(bits, q.signed if signed is None else signed, kind))
 
     def set_scale(self, name, value):
         p = getattr(self, f"{name}_scale")
@@ -86,6 +107,8 @@ class QuantCellMixin:
             d = getattr(self, f"{op}_q").as_dict()
             d["scale"] = self.get_scale(op).ravel().tolist()
             d["enabled"] = getattr(self, f"{op}_on")
+            if hasattr(self, f"{op}_zero_point"):
+                d["zero_point"] = float(getattr(self, f"{op}_zero_point").asnumpy()[0])
             info[op] = d
         return info
 
@@ -95,16 +118,24 @@ class _WeightLayerMixin(QuantCellMixin):
 
     operands = ("w", "a")
 
-    def _init_quant(self, w_bits, a_bits, per_channel, channel_shape):
+    def _init_quant(self, w_bits, a_bits, per_channel, channel_shape, asym=False):
         self.per_channel = per_channel
-        self.w_q, self.a_q = _QuantOperand(w_bits), _QuantOperand(a_bits)
+        self.asym = bool(asym)  # input on an asymmetric grid with zero point `a_zero_point` (vtptq_plus)
+        self.w_q, self.a_q = _QuantOperand(w_bits), _QuantOperand(a_bits, kind="asym" if asym else "uniform")
         self.w_scale = _scale_param(channel_shape if per_channel else (1,), "w_scale")
         self.a_scale = _scale_param((1,), "a_scale")
+        if self.asym:
+            self.a_zero_point = Parameter(Tensor(np.zeros((1,), np.float32)), name="a_zero_point", requires_grad=False)
         self.w_on = self.a_on = False
+
+    def set_zero_point(self, value):
+        self.a_zero_point.set_data(Tensor(np.asarray(value, np.float32).reshape(1)))
 
     def _quant_input_weight(self, x):
         w = self.weight
-        if self.a_on:
+        if self.a_on and self.asym:
+            x = fake_quant_asym(x, self.a_scale, self.a_zero_point, self.a_q.qmax)
+        elif self.a_on:
             x = fake_quant(x, self.a_scale, self.a_q.qmin, self.a_q.qmax)
         if self.w_on:
             w = fake_quant(w, self.w_scale, self.w_q.qmin, self.w_q.qmax)
@@ -116,9 +147,9 @@ class QuantDense(_WeightLayerMixin, nn.Dense):
 
     x: (..., in) -> (..., out). w_scale has shape (1,) or (out, 1) per output channel."""
 
-    def __init__(self, in_channels, out_channels, has_bias=True, w_bits=8, a_bits=8, per_channel=False):
+    def __init__(self, in_channels, out_channels, has_bias=True, w_bits=8, a_bits=8, per_channel=False, asym=False):
         super().__init__(in_channels, out_channels, has_bias=has_bias)
-        self._init_quant(w_bits, a_bits, per_channel, (out_channels, 1))
+        self._init_quant(w_bits, a_bits, per_channel, (out_channels, 1), asym)
 
     def construct(self, x):
         x, w = self._quant_input_weight(x)
@@ -162,16 +193,18 @@ class QuantMatMul(QuantCellMixin, MatMul):
         self.scores_scale = 1.0
 
     def construct(self, a, b):
-        if self.a_on:
+        if self.a_on and self.a_q.inv_step > 0:  # log2 / log√2 grid (vtptq_plus softmax output)
+            a = fake_quant_log(a, self.a_scale, self.a_q.bits, self.a_q.inv_step)
+        elif self.a_on:
             a = fake_quant(a, self.a_scale, self.a_q.qmin, self.a_q.qmax)
         if self.b_on:
             b = fake_quant(b, self.b_scale, self.b_q.qmin, self.b_q.qmax)
         return self.bmm(a, b)
 
 
-def quant_dense_from(cell, w_bits, a_bits, per_channel=False):
+def quant_dense_from(cell, w_bits, a_bits, per_channel=False, asym=False):
     q = QuantDense(cell.in_channels, cell.out_channels, has_bias=cell.has_bias, w_bits=w_bits, a_bits=a_bits,
-                   per_channel=per_channel)
+                   per_channel=per_channel, asym=asym)
     _copy_params(cell, q)
     return q
 
@@ -187,8 +220,11 @@ def quant_conv_from(cell, w_bits, a_bits, per_channel=False):
     return q
 
 
-def quant_matmul_from(cell, a_bits, b_bits, a_signed=True):
-    return QuantMatMul(transpose_b=cell.transpose_b, a_bits=a_bits, b_bits=b_bits, a_signed=a_signed)
+def quant_matmul_from(cell, a_bits, b_bits, a_signed=True, a_kind="uniform"):
+    q = QuantMatMul(transpose_b=cell.transpose_b, a_bits=a_bits, b_bits=b_bits, a_signed=a_signed)
+    if a_kind != "uniform":
+        q.set_bits("a", a_bits, kind=a_kind)
+    return q
 
 
 def _copy_params(src, dst):

@@ -155,15 +155,21 @@ def _expand_candidates(scales, ndim):
 
 
 def score_candidates(problem, which, candidates, a_hat, b_hat_right, bits, signed, objective,
-                     extra_loss=None, cand_chunk=None):
+                     extra_loss=None, cand_chunk=None, quant=None):
     """Mean objective over samples for each candidate interval of operand `which` ('a' or 'b').
 
     candidates: (C, *scale_shape) in the layout of `a` or `b` (per-channel (out, 1) for a
     weight); a_hat / b_hat_right: the other operand already fake-quantized (b in the layout
     of problem.b_right; the one being searched is ignored). extra_loss(out (c, n, ...), sample
-    slice) -> (c, n) is subtracted from the objective (the ranking loss). Returns float64 (C,)."""
-    if problem.b_shared and extra_loss is None and objective in OBJECTIVES:
-        return _score_dense_moments(problem, which, candidates, a_hat, b_hat_right, bits, signed, objective)
+    slice) -> (c, n) is subtracted from the objective (the ranking loss). quant(x, scales): the
+    fake quantizer of the searched operand (default the uniform grid of bits / signed; another
+    grid, e.g. vtptq_plus's log2, takes the candidate-by-candidate path). Returns float64 (C,)."""
+    if quant is None:
+        if problem.b_shared and extra_loss is None and objective in OBJECTIVES:
+            return _score_dense_moments(problem, which, candidates, a_hat, b_hat_right, bits, signed, objective)
+
+        def quant(x, scales):
+            return fake_quant_np(x, scales, bits, signed)
     sim = OBJECTIVES[objective] if isinstance(objective, str) else objective
     num_c = len(candidates)
     cand_chunk = cand_chunk or max(1, min(num_c, CHUNK_ELEMS // max(1, problem.out_elems)))
@@ -174,17 +180,15 @@ def score_candidates(problem, which, candidates, a_hat, b_hat_right, bits, signe
         cs_right = np.stack([problem.right_scale(c) for c in cs]) if which == "b" else cs
         shared_b = None
         if which == "b" and problem.b_shared:
-            shared_b = fake_quant_np(problem.b_right[None], _expand_candidates(cs_right, problem.b_right.ndim),
-                                     bits, signed)
+            shared_b = quant(problem.b_right[None], _expand_candidates(cs_right, problem.b_right.ndim))
         for sl in problem.sample_chunks(len(cs)):
             if which == "a":
-                a_c = fake_quant_np(problem.a[sl][None], _expand_candidates(cs, problem.a.ndim), bits, signed)
+                a_c = quant(problem.a[sl][None], _expand_candidates(cs, problem.a.ndim))
                 out = problem.forward_a_candidates(a_c, b_hat_right if problem.b_shared else b_hat_right[sl])
             elif shared_b is not None:
                 out = problem.forward_b_candidates(a_hat[sl], shared_b)
             else:
-                b_c = fake_quant_np(problem.b_right[sl][None],
-                                    _expand_candidates(cs_right, problem.b_right.ndim), bits, signed)
+                b_c = quant(problem.b_right[sl][None], _expand_candidates(cs_right, problem.b_right.ndim))
                 out = problem.forward_b_candidates(a_hat[sl], b_c)
             n = sl.stop - sl.start
             s = sim(problem.target[sl].reshape(n, -1), out.reshape(len(cs), n, -1))
