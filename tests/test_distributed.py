@@ -229,30 +229,33 @@ def test_more_workers_than_calibration_images_is_an_error():
 
 
 def test_shardable_is_declared_per_class():
-    assert all(is_shardable(METHODS[m]) for m in ("minmax", "percentile", "easyquant", "vtptq"))
+    assert all(is_shardable(METHODS[m]) for m in ("minmax", "percentile", "easyquant", "vtptq", "vtptq_plus"))
 
     class Derived(AlternatingSearch):  # may reduce over samples in its own way: not shardable unless it says so
         name = "derived"
     assert not is_shardable(Derived) and not is_shardable(Derived(defaults()))
     from src.quant import mixed_precision
     assert mixed_precision.is_shardable(defaults()) and mixed_precision.is_shardable({"mp_criterion": "paper"})
+    assert mixed_precision.is_shardable({"mp_criterion": "refined"})
     assert not mixed_precision.is_shardable({"mp_criterion": "another"})
 
 
 def test_msrun_sharded_calibration_equals_single_process(tmp_path):
     """Each of 2 msrun workers calibrates a tiny ViT on its shard (4 and 5 of 9 images); every
     method, and the mixed-precision search, gives the single-process intervals bit for bit."""
-    methods = "minmax,percentile,easyquant,vtptq,minmax_unshardable"
+    methods = "minmax,percentile,easyquant,vtptq,vtptq_plus,vtptq_plus_all,minmax_unshardable"
     single("tests/_msrun_calib.py", [tmp_path / "one.npz", N_CALIB, methods, "--mp"])
     rc, logs = msrun(2, "tests/_msrun_calib.py", [tmp_path / "two.npz", N_CALIB, methods, "--mp"], tmp_path / "logs")
     assert rc == 0, logs[-3000:]
     one, two = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
-    for key in methods.split(",") + ["mp_omega", "mp_sensitivity"]:
+    for key in methods.split(",") + ["mp_omega", "mp_sensitivity", "refined_omega", "refined_objective"]:
         np.testing.assert_array_equal(two[key], one[key], err_msg=key)
     c1, c2 = json.loads(str(one["counts"])), json.loads(str(two["counts"]))
-    assert c1["vtptq"] == [N_CALIB] and c2["vtptq"] == c2["minmax"] == c2["percentile"] == [4, 5]
+    assert c1["vtptq"] == [N_CALIB]
+    assert c2["vtptq"] == c2["minmax"] == c2["percentile"] == c2["vtptq_plus"] == c2["vtptq_plus_all"] == [4, 5]
     assert c2["minmax_unshardable"] == [N_CALIB, N_CALIB]  # cannot shard: all images on every rank
     assert c1["mp_modules"] == c2["mp_modules"]
+    assert c1["refined_modules"] == c2["refined_modules"] and c1["refined_passes"] == c2["refined_passes"]
     assert "calibration shard: images 0-3 of 9" in logs and "calibration shard: images 4-8 of 9" in logs
     assert "this method cannot shard its calibration yet; every rank calibrates on all 9 images" in logs
 
