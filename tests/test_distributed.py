@@ -202,6 +202,16 @@ def test_combination_is_the_identity_outside_a_sharded_calibration(monkeypatch):
         assert mine is x and not distributed.sharding_calibration()
 
 
+def test_local_reductions_gather_nothing_and_restore_the_shard(monkeypatch):
+    """vtptq_plus's learned rounding gathers its arrays once, then reduces them locally."""
+    theirs = np.ones((2, 3))
+    fake_gather_samples(monkeypatch, 0, theirs)
+    mine = np.zeros((1, 3))
+    with distributed.local_reductions():
+        assert gather_samples(mine) is mine and not distributed.sharding_calibration()
+    assert distributed.sharding_calibration() and gather_samples(mine).shape == (3, 3)
+
+
 def test_calibration_shard_yields_this_ranks_images(monkeypatch, capsys):
     monkeypatch.setattr(distributed, "_CONTEXT", DistContext(1, 2))
     x = np.arange(9)
