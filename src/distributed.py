@@ -197,6 +197,19 @@ def max_over_samples(value):
 
 
 @contextlib.contextmanager
+def local_reductions():
+    """Inside, gather_samples and max_over_samples are the identity: for arrays that already
+    hold every rank's samples (gathered once, e.g. vtptq_plus's learned rounding)."""
+    global _SHARDED
+    was = _SHARDED
+    _SHARDED = False
+    try:
+        yield
+    finally:
+        _SHARDED = was
+
+
+@contextlib.contextmanager
 def calibration_shard(images, shardable=True, log=None):
     """Yield the calibration images this rank forwards: its contiguous shard under msrun when
     `shardable` (gather_samples / max_over_samples then combine over ranks until the block

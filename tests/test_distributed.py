@@ -202,6 +202,16 @@ def test_combination_is_the_identity_outside_a_sharded_calibration(monkeypatch):
         assert mine is x and not distributed.sharding_calibration()
 
 
+def test_local_reductions_gather_nothing_and_restore_the_shard(monkeypatch):
+    """vtptq_plus's learned rounding gathers its arrays once, then reduces them locally."""
+    theirs = np.ones((2, 3))
+    fake_gather_samples(monkeypatch, 0, theirs)
+    mine = np.zeros((1, 3))
+    with distributed.local_reductions():
+        assert gather_samples(mine) is mine and not distributed.sharding_calibration()
+    assert distributed.sharding_calibration() and gather_samples(mine).shape == (3, 3)
+
+
 def test_calibration_shard_yields_this_ranks_images(monkeypatch, capsys):
     monkeypatch.setattr(distributed, "_CONTEXT", DistContext(1, 2))
     x = np.arange(9)
@@ -229,30 +239,34 @@ def test_more_workers_than_calibration_images_is_an_error():
 
 
 def test_shardable_is_declared_per_class():
-    assert all(is_shardable(METHODS[m]) for m in ("minmax", "percentile", "easyquant", "vtptq"))
+    assert all(is_shardable(METHODS[m]) for m in ("minmax", "percentile", "easyquant", "vtptq", "vtptq_plus"))
 
     class Derived(AlternatingSearch):  # may reduce over samples in its own way: not shardable unless it says so
         name = "derived"
     assert not is_shardable(Derived) and not is_shardable(Derived(defaults()))
     from src.quant import mixed_precision
     assert mixed_precision.is_shardable(defaults()) and mixed_precision.is_shardable({"mp_criterion": "paper"})
+    assert mixed_precision.is_shardable({"mp_criterion": "refined"})
     assert not mixed_precision.is_shardable({"mp_criterion": "another"})
 
 
 def test_msrun_sharded_calibration_equals_single_process(tmp_path):
     """Each of 2 msrun workers calibrates a tiny ViT on its shard (4 and 5 of 9 images); every
-    method, and the mixed-precision search, gives the single-process intervals bit for bit."""
-    methods = "minmax,percentile,easyquant,vtptq,minmax_unshardable"
+    method (vtptq_plus with its default switches, and with attn_reparam and recon_iters on), and
+    the mixed-precision searches (paper and refined), give the single-process results bit for bit."""
+    methods = "minmax,percentile,easyquant,vtptq,vtptq_plus,vtptq_plus_all,minmax_unshardable"
     single("tests/_msrun_calib.py", [tmp_path / "one.npz", N_CALIB, methods, "--mp"])
     rc, logs = msrun(2, "tests/_msrun_calib.py", [tmp_path / "two.npz", N_CALIB, methods, "--mp"], tmp_path / "logs")
     assert rc == 0, logs[-3000:]
     one, two = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
-    for key in methods.split(",") + ["mp_omega", "mp_sensitivity"]:
+    for key in methods.split(",") + ["mp_omega", "mp_sensitivity", "refined_omega", "refined_objective"]:
         np.testing.assert_array_equal(two[key], one[key], err_msg=key)
     c1, c2 = json.loads(str(one["counts"])), json.loads(str(two["counts"]))
-    assert c1["vtptq"] == [N_CALIB] and c2["vtptq"] == c2["minmax"] == c2["percentile"] == [4, 5]
+    assert c1["vtptq"] == [N_CALIB]
+    assert c2["vtptq"] == c2["minmax"] == c2["percentile"] == c2["vtptq_plus"] == c2["vtptq_plus_all"] == [4, 5]
     assert c2["minmax_unshardable"] == [N_CALIB, N_CALIB]  # cannot shard: all images on every rank
     assert c1["mp_modules"] == c2["mp_modules"]
+    assert c1["refined_modules"] == c2["refined_modules"] and c1["refined_passes"] == c2["refined_passes"]
     assert "calibration shard: images 0-3 of 9" in logs and "calibration shard: images 4-8 of 9" in logs
     assert "this method cannot shard its calibration yet; every rank calibrates on all 9 images" in logs
 

@@ -25,12 +25,13 @@ MP_METHODS = ("vtptq",)  # methods quant.py allows mixed precision with (their c
 MP_TARGETS = {"4MP": (4, (2, 3, 4, 5, 6)), "6MP": (6, (4, 5, 6, 7, 8)), "8MP": (8, (6, 7, 8, 9, 10))}
 MODULE_LAYERS = {"attn": ("attn.qkv", "attn.matmul1", "attn.matmul2", "attn.proj"), "mlp": ("mlp.fc1", "mlp.fc2")}
 MAX_DP_UNITS = 1 << 20
-SHARDABLE_CRITERIA = ("paper",)  # criteria whose reductions over samples go through src/distributed.py
+SHARDABLE_CRITERIA = ("paper", "refined")  # criteria whose reductions over samples go through src/distributed.py
 
 
 def is_shardable(qcfg):
-    """Whether search_bits may run on this rank's shard of the calibration images (the paper's
-    criterion: per-sample nuclear norms and errors, gathered over the ranks)."""
+    """Whether the bit search may run on this rank's shard of the calibration images (the paper's
+    criterion: per-sample nuclear norms and errors, gathered over the ranks; refined: per-image
+    KL values, gathered over the ranks, src/quant/mp_refined.py)."""
     return qcfg.get("mp_criterion", "paper") in SHARDABLE_CRITERIA
 
 

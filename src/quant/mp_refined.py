@@ -31,6 +31,11 @@ against the FP logits z_fp:
    uniform one by the same rule.
 
 The caller then recalibrates the model at the chosen widths, as for the paper's criterion.
+
+Sharded (src/distributed.py): the cache is calibrated by calibrate_model on this rank's shard
+(the method's own sharding), and the KL of each of this rank's images is gathered over the
+ranks (gather_samples, float64 bit for bit), so L, the paired test and every decision are
+those of one process on all the images.
 """
 import contextlib
 import itertools
@@ -40,6 +45,7 @@ import time
 import numpy as np
 import mindspore as ms
 
+from ..distributed import gather_samples
 from .calibrate import calibrate_model, run_stage
 from .convert import quant_cells, quantize_model, set_quant_mode
 from .mixed_precision import candidate_bits, knapsack, model_modules, module_weight_params, size_units
@@ -162,7 +168,7 @@ class EndToEnd:
                 del self.inputs[next(key for key in self.inputs if key)]  # the oldest, never the embedding's
         logits = run_stage(self.model.forward_head, x, self.batch)[0]
         self.passes += 1
-        self.per_image[assignment] = kl_per_sample(self.logits_fp, logits)
+        self.per_image[assignment] = gather_samples(kl_per_sample(self.logits_fp, logits))  # every rank's images
         self.values[assignment] = float(self.per_image[assignment].mean())
         return self.values[assignment]
 

@@ -28,12 +28,21 @@ switch (a config key; null = the method's default: off for vtptq, on for vtptq_p
                          calibration images, it beats nearest rounding on the other 1/4.
 
 Every grid has at most 2^b levels at b bits (see quantizer.grid_levels).
+
+Sharded calibration (src/distributed.py): every quantity reduced over calibration samples
+goes through the distributed helpers, so a sharded run gives the single-process intervals:
+channel minima and maxima (folds, log and asymmetric grids, max-based starts) through
+max_over_samples (a minimum as the maximum of the negation); objectives through
+search.sample_mean; the per-sample sums of the per-channel weight search through
+gather_samples; learned rounding gathers the layer's quantized input and target (the
+single-process arrays, so its held-out split and its Gram matrices are the same).
 """
 import time
 
 import numpy as np
 
 from ..config import ConfigError
+from ..distributed import gather_samples, local_reductions, max_over_samples, sharding_calibration
 from .calibrate import operand_roles, register_method
 from .quantizer import (EPS, LOG_INV_STEP, fake_quant_asym_np, fake_quant_log_np, fake_quant_np, init_scale,
                         zero_point)
@@ -53,6 +62,19 @@ SWITCHES = {
 SOFTMAX_AUTO = ("uniform", "log2", "logsqrt2")
 REPARAM_ALPHAS = (0.0, 0.5, 1.0)
 REPARAM_CANDIDATES = 25  # activation intervals tried per (α, centring) when choosing the fold
+
+
+def sample_max(x, axis=None, keepdims=False):
+    """Maximum of x over `axis` (axis 0 or None: over the samples), then over the ranks of a
+    sharded calibration (exact for float32 x, the dtype of every capture)."""
+    m = np.asarray(np.asarray(x).max(axis=axis, keepdims=keepdims))
+    return max_over_samples(m).astype(m.dtype) if sharding_calibration() else m
+
+
+def sample_min(x, axis=None, keepdims=False):
+    """Minimum of x over `axis`, then over the ranks of a sharded calibration (see sample_max)."""
+    m = np.asarray(np.asarray(x).min(axis=axis, keepdims=keepdims))
+    return (-max_over_samples(-m)).astype(m.dtype) if sharding_calibration() else m
 
 
 def resolve_switches(cfg):
@@ -98,8 +120,8 @@ def fold_layernorm(norm, dense, shift, ratio):
 def reparam_factors(x, alpha, center):
     """(shift m, ratio r) of the fold for activations x (..., C): m_c the centre of channel c's
     range (0 without centring), r_c = (h_c / mean h)^α with h_c its half range (max |x - m|)."""
-    flat = x.reshape(-1, x.shape[-1]).astype(np.float64)
-    lo, hi = flat.min(axis=0), flat.max(axis=0)
+    flat = x.reshape(-1, x.shape[-1])
+    lo, hi = sample_min(flat, axis=0).astype(np.float64), sample_max(flat, axis=0).astype(np.float64)
     shift = (lo + hi) / 2 if center else np.zeros_like(lo)
     half = np.maximum(np.maximum(hi - shift, shift - lo), EPS)
     ratio = (half / half.mean()) ** alpha
@@ -123,7 +145,7 @@ def choose_reparam(x, cell, qcfg):
             ws = (w * ratio[None, :]).astype(np.float32)
             problem = LayerProblem(xs, ws, target, bias=(b + w @ shift).astype(np.float32))
             sw = init_scale(ws, w_q.bits, True, per_channel=cell.per_channel)
-            cand_a = candidate_grid(init_scale(xs, a_q.bits, True), qcfg["search_alpha"], qcfg["search_beta"],
+            cand_a = candidate_grid(init_scale(xs, a_q.bits, True, combine=max_over_samples), qcfg["search_alpha"], qcfg["search_beta"],
                                     REPARAM_CANDIDATES)
             w_hat = fake_quant_np(ws, sw, w_q.bits, True).T
             scores = score_candidates(problem, "a", cand_a, None, np.ascontiguousarray(w_hat), a_q.bits, True,
@@ -150,15 +172,16 @@ def choose_qk_fold(q, k, bits, qcfg):
     max|Q_c|)^(α/2), α from REPARAM_ALPHAS by the Pearson objective of the scores with Q' and K'
     quantized (max-based K', searched Q'). Returns (alpha, factors, objective)."""
     target = np.matmul(q, np.swapaxes(k, -1, -2))
-    ratio = np.maximum(np.abs(k).max(axis=(0, 2), keepdims=True), EPS) / \
-        np.maximum(np.abs(q).max(axis=(0, 2), keepdims=True), EPS)  # (1, H, 1, hd)
+    ratio = np.maximum(sample_max(np.abs(k), axis=(0, 2), keepdims=True), EPS) / \
+        np.maximum(sample_max(np.abs(q), axis=(0, 2), keepdims=True), EPS)  # (1, H, 1, hd)
     best = None
     for alpha in REPARAM_ALPHAS:
         s = (ratio ** (alpha / 2)).astype(np.float32)
         qs, ks = q * s, k / s
         problem = LayerProblem(qs, ks, target, transpose_b=True, b_shared=False)
-        k_hat = fake_quant_np(problem.b_right, init_scale(ks, bits), bits, True)
-        value = _best_interval_score(problem, "a", init_scale(qs, bits), k_hat, bits, True, qcfg)
+        k_hat = fake_quant_np(problem.b_right, init_scale(ks, bits, combine=max_over_samples), bits, True)
+        value = _best_interval_score(problem, "a", init_scale(qs, bits, combine=max_over_samples), k_hat, bits, True,
+                                     qcfg)
         if best is None or value > best[2] + 1e-9:
             best = (alpha, s[0], value)
     return best
@@ -174,21 +197,21 @@ def choose_v_fold(attn, v, proj, bits, qcfg):
     b = proj.bias.asnumpy() if proj.has_bias else None
     o = np.matmul(attn, v).transpose(0, 2, 1, 3).reshape(n, tokens, heads * hd)
     target = o @ w.T + (0 if b is None else b)
-    h = np.maximum(np.abs(v).max(axis=(0, 2), keepdims=True), EPS)  # (1, H, 1, hd)
+    h = np.maximum(sample_max(np.abs(v), axis=(0, 2), keepdims=True), EPS)  # (1, H, 1, hd)
     best = None
     for alpha in REPARAM_ALPHAS:
         t = ((h / h.mean()) ** alpha).astype(np.float32)
         vs = v / t
         mm = LayerProblem(attn, vs, np.matmul(attn, vs), transpose_b=False, b_shared=False)
-        cands = candidate_grid(init_scale(vs, bits), qcfg["search_alpha"], qcfg["search_beta"], REPARAM_CANDIDATES)
+        cands = candidate_grid(init_scale(vs, bits, combine=max_over_samples), qcfg["search_alpha"], qcfg["search_beta"], REPARAM_CANDIDATES)
         sv = cands[int(np.argmax(score_candidates(mm, "b", cands, attn, None, bits, True, "pearson")))]
         os_ = np.matmul(attn, fake_quant_np(vs, sv, bits, True)).transpose(0, 2, 1, 3).reshape(n, tokens, -1)
         ws = (w * t.reshape(1, -1)).astype(np.float32)
         problem = LayerProblem(os_, ws, target, bias=b)
         w_hat = fake_quant_np(ws, init_scale(ws, proj.w_q.bits, True, per_channel=proj.per_channel), proj.w_q.bits,
                               True)
-        value = _best_interval_score(problem, "a", init_scale(os_, bits), np.ascontiguousarray(w_hat.T), bits, True,
-                                     qcfg)
+        value = _best_interval_score(problem, "a", init_scale(os_, bits, combine=max_over_samples),
+                                     np.ascontiguousarray(w_hat.T), bits, True, qcfg)
         if best is None or value > best[2] + 1e-9:
             best = (alpha, t[0], value)
     return best
@@ -249,6 +272,8 @@ def search_channels(problem, a_hat, current, bits, factors, objective="pearson",
         cross[k] = np.einsum("nto,nto->no", out, t)
         s1[k] = out.sum(axis=1)
         s2[k] = np.einsum("nto,nto->no", out, out)
+    cross, s1, s2 = (_gather_axis1(a) for a in (cross, s1, s2))  # every rank's samples, in order
+    t_norm2 = gather_samples(t_norm2)
     idx = np.full(o_dim, num - 1)
     cols = np.arange(o_dim)
     tot = [a[idx, :, cols].sum(axis=0) for a in (cross, s1, s2)]  # (n,) each
@@ -270,6 +295,11 @@ def search_channels(problem, a_hat, current, bits, factors, objective="pearson",
         if not changed:
             break
     return cands[idx, cols].reshape(o_dim, 1), before, float(value(*tot))
+
+
+def _gather_axis1(a):
+    """gather_samples of an array whose axis 1 is the samples."""
+    return np.swapaxes(gather_samples(np.swapaxes(a, 0, 1)), 0, 1)
 
 
 # ----------------------------------------------------------------------------- learned weight rounding
@@ -342,6 +372,7 @@ class VTPTQPlus(VTPTQ):
     """vtptq with the switches of this module (see the module docstring)."""
 
     name = "vtptq_plus"
+    shardable = True  # every reduction over samples goes through src/distributed.py (module docstring)
 
     def __init__(self, qcfg):
         super().__init__(qcfg)
@@ -396,16 +427,16 @@ class VTPTQPlus(VTPTQ):
         sa, sb = super().initial_scales(cell, problem)
         q = cell.a_q
         if q.kind in LOG_INV_STEP:  # top level of the log grid: the largest value
-            sa = np.full(1, max(float(problem.a.max()), EPS), np.float32)
+            sa = np.full(1, max(float(sample_max(problem.a)), EPS), np.float32)
         elif q.kind == "asym":
             lo = min(self._lo[id(cell)], 0.0)
-            sa = np.full(1, max((float(problem.a.max()) - lo) / q.qmax, EPS), np.float32)
+            sa = np.full(1, max((float(sample_max(problem.a)) - lo) / q.qmax, EPS), np.float32)
         return sa, sb
 
     def calibrate(self, cell, problem):
         q = self.qcfg
         if cell.a_q.kind == "asym":
-            self._lo[id(cell)] = float(problem.a.min())
+            self._lo[id(cell)] = float(sample_min(problem.a))
         if getattr(cell, "operands", ()) == ("a", "b") and not cell.is_attention_scores \
                 and q.get("softmax_quantizer") == "auto":
             sa, sb, info = self._calibrate_softmax_auto(cell, problem)
@@ -449,16 +480,24 @@ class VTPTQPlus(VTPTQ):
         a_hat = self.quantize(cell, a_name, problem.a, sa)
         w_near = self.quantize(cell, b_name, problem.b_right, problem.right_scale(sb))
         info = {"iters": iters, "kept": False}
-        n_fit = problem.n - max(1, problem.n // 4)
-        if n_fit >= 1:
-            fit, hold = slice(0, n_fit), slice(n_fit, problem.n)
-            w_fit, _, _ = learn_rounding(a_hat[fit], problem.b, sb, problem.bias, problem.target[fit], bits, iters)
-            held = LayerProblem(a_hat[hold], problem.b, problem.target[hold], bias=problem.bias)
-            info["holdout_before"] = evaluate_pair(held, a_hat[hold], w_near, self.objective)
-            info["holdout_after"] = evaluate_pair(held, a_hat[hold], np.ascontiguousarray(w_fit.T), self.objective)
-            info["kept"] = bool(info["holdout_after"] > info["holdout_before"])
+        # learned on every rank's samples (gathered: the single-process arrays, so the same
+        # held-out split and Gram matrices); the helpers must not gather them a second time
+        a_all, target_all = gather_samples(a_hat), gather_samples(problem.target)
+        n_all = len(a_all)
+        n_fit = n_all - max(1, n_all // 4)
+        with local_reductions():
+            if n_fit >= 1:
+                fit, hold = slice(0, n_fit), slice(n_fit, n_all)
+                w_fit, _, _ = learn_rounding(a_all[fit], problem.b, sb, problem.bias, target_all[fit], bits, iters)
+                held = LayerProblem(a_all[hold], problem.b, target_all[hold], bias=problem.bias)
+                info["holdout_before"] = evaluate_pair(held, a_all[hold], w_near, self.objective)
+                info["holdout_after"] = evaluate_pair(held, a_all[hold], np.ascontiguousarray(w_fit.T),
+                                                      self.objective)
+                info["kept"] = bool(info["holdout_after"] > info["holdout_before"])
+            if info["kept"]:
+                w_new, mse, mse0 = learn_rounding(a_all, problem.b, sb, problem.bias, target_all, bits, iters)
+        del a_all, target_all
         if info["kept"]:
-            w_new, mse, mse0 = learn_rounding(a_hat, problem.b, sb, problem.bias, problem.target, bits, iters)
             w_new_right = np.ascontiguousarray(w_new.T)
             info.update(objective_before=evaluate_pair(problem, a_hat, w_near, self.objective),
                         objective_after=evaluate_pair(problem, a_hat, w_new_right, self.objective), mse_ratio=mse / mse0)
