@@ -239,3 +239,25 @@ def test_plots_skipped_once_without_matplotlib(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.count("plots are skipped") == 1
     assert not (tmp_path / "bits.png").exists()
+
+
+def test_quant_vtptq_plus_refined_checkpoint_reevaluates(tmp_path):
+    # reduced on purpose: 8 calibration images, 10 candidates, 2 rounds, 200 images
+    import importlib
+    eval_script = importlib.import_module("eval")
+    out = tmp_path / "plus_mp"
+    rc = quant_script.cli(["--method", "vtptq_plus", "--mixed-precision", "--mp-target", "4MP", "--mp-criterion",
+                           "refined", "--calib-num", "8", "--search-candidates", "10", "--max-rounds", "2",
+                           "--max-images", "200", "--calib-batch-size", "256", "--output", str(out)])
+    assert rc == 0
+    with open(out / "result.json", encoding="utf-8") as f:
+        saved = json.load(f)
+    assert saved["method"] == "vtptq_plus" and saved["mp_criterion"] == "refined"
+    assert saved["model_size_mb"] <= saved["mp_target_mb"] + 1e-9
+    assert saved["ln_reparam"] is True and saved["gelu_asymmetric"] is True
+    rc = eval_script.cli(["--ckpt", str(out / "quantized.ckpt"), "--max-images", "200", "--output",
+                          str(tmp_path / "ev")])
+    assert rc == 0
+    with open(tmp_path / "ev" / "result.json", encoding="utf-8") as f:
+        ev = json.load(f)
+    assert ev["top1"] == saved["top1"] and ev["top5"] == saved["top5"]
