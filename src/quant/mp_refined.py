@@ -132,9 +132,26 @@ def calibrate_widths(build_model, images, qcfg, widths, log=sys.stderr):
         model = build_model()
         quantize_model(model, cfg)
         calibrate_model(model, images, cfg, log=None)
-        cache[b] = layer_states(model)
+        cache[b] = _share_equal(layer_states(model), cache[widths[0]] if cache else None)
         print(f"  refined: calibrated every layer at {b} bits [{time.time() - t0:.1f}s]", file=log, flush=True)
     return cache
+
+
+def _share_equal(states, ref):
+    """states with the FP parameters ("fp", "norm") that equal those of `ref` (another width's
+    layer_states) replaced by ref's arrays: one copy of the unchanged weights, whatever the
+    number of widths (a method without folds changes no parameter)."""
+    if ref is not None:
+        for name, st in states.items():
+            for key in ("fp", "norm"):
+                mine, theirs = st[key], ref[name][key]
+                if mine is not None and all(_same(u, v) for u, v in zip(mine, theirs)):
+                    st[key] = theirs
+    return states
+
+
+def _same(u, v):
+    return (u is None) == (v is None) and (u is None or np.array_equal(u, v))
 
 
 # ----------------------------------------------------------------------------- end-to-end objective
