@@ -125,9 +125,13 @@ def main(cfg):
         raise ValueError(f"{cfg['ckpt']}: already a quantized checkpoint (model '{qmodel}'); quant.py "
                          "takes full-precision weights (evaluate it with eval.py --ckpt)")
     if cfg.get("mixed_precision"):
-        from src.quant.mixed_precision import MP_METHODS, MP_TARGETS
+        from src.quant.mixed_precision import MP_CRITERION_METHODS, MP_METHODS, MP_TARGETS
         if cfg["method"] not in MP_METHODS:
             raise ConfigError(f"mixed_precision needs method {' or '.join(MP_METHODS)}; method is {cfg['method']!r}")
+        crit = cfg.get("mp_criterion", "paper")
+        if cfg["method"] not in MP_CRITERION_METHODS[crit]:
+            raise ConfigError(f"mp_criterion is {crit!r}, which does not work with method {cfg['method']!r} (its "
+                              "LayerNorm folds are per block); use mp_criterion 'refined'")
         nominal = MP_TARGETS[cfg["mp_target"]][0]
         if cfg.get("mp_min_bits") is not None and cfg["mp_min_bits"] > nominal:
             raise ConfigError(f"mp_min_bits is {cfg['mp_min_bits']}; {cfg['mp_target']} needs candidates at or "

@@ -63,15 +63,17 @@ DEFAULTS = {
     "ranking_theta": (0.2, "vtptq: margin θ of the ranking loss"),
     "ranking_pairs": (0, "vtptq: column pairs per attention row in the ranking loss (0: all T(T-1)/2; "
                          "N: a fixed seeded sample of N pairs)"),
-    "mixed_precision": (False, "vtptq: one bit width per MSA / MLP module chosen by the nuclear-norm-weighted "
-                               "error under a size target (w_bits / a_bits then come from mp_target)"),
+    "mixed_precision": (False, "vtptq (vtptq_plus: with mp_criterion refined): one bit width per MSA / MLP module "
+                               "chosen by the nuclear-norm-weighted error under a size target (w_bits / a_bits then "
+                               "come from mp_target)"),
     "mp_target": ("6MP", "mixed-precision target: 4MP (bits 2..6, size of the uniform 4-bit model), "
                          "6MP (4..8, 6-bit size), 8MP (6..10, 8-bit size)"),
     "mp_min_bits": (None, "mixed precision, beyond the paper: leave out candidate widths below this (e.g. 3 keeps "
                           "4MP from giving a module 2 bits); None: the target's candidates"),
     "mp_criterion": ("paper", "mixed-precision criterion: 'paper' (nuclear-norm-weighted output error per module, "
                               "other modules in FP, exact knapsack) or 'refined' (beyond the paper: end-to-end KL of "
-                              "the logits on the calibration set, knapsack then a local search of bit swaps)"),
+                              "the logits on the calibration set, knapsack then a local search of bit swaps); "
+                              "vtptq_plus: refined only"),
     "bias_correction": (True, "vtptq: subtract the expected output error per channel from the bias after each round"),
     # vtptq_plus switches (src/quant/vtptq_plus.py); None: the method's default, off for vtptq, on for vtptq_plus
     "ln_reparam": (None, "vtptq_plus: fold per-channel centres and ranges of the qkv / fc1 inputs into the LayerNorm "

@@ -123,6 +123,64 @@ def test_cached_state_reproduces_the_calibrated_model():
     assert all(c.w_q.bits == 3 for _, c in quant_cells(other) if "w" in c.operands)
 
 
+def plus_qcfg(**kw):
+    from src.quant.vtptq_plus import resolve_switches
+    cfg = qcfg(method="vtptq_plus", mp_criterion="refined", **kw)
+    resolve_switches(cfg)
+    return cfg
+
+
+def test_cached_state_reproduces_a_vtptq_plus_model():
+    """vtptq_plus changes more than intervals: LayerNorm folds (norm1/norm2 and the weights and
+    biases of qkv / fc1), grid kinds, zero points, per-channel weight intervals. A model
+    quantized at 6 bits that takes the cached states of a 3-bit calibration computes the
+    calibrated model's logits exactly."""
+    x = tiny_images(8)
+    cfg = plus_qcfg(w_bits=3, a_bits=3)
+    calibrated = tiny2()
+    quantize_model(calibrated, cfg)
+    report = calibrate_model(calibrated, x, cfg, log=None)
+    assert any(r.get("reparam", {}).get("alpha") for r in report.values())  # a fold happened
+    kinds = {c.a_q.kind for n, c in quant_cells(calibrated) if n.endswith("matmul2") or n.endswith("fc2")}
+    assert "asym" in kinds
+    states = mp_refined.layer_states(calibrated)
+    other = tiny2()
+    quantize_model(other, plus_qcfg(w_bits=6, a_bits=6))
+    for name, cell in quant_cells(other):
+        mp_refined.apply_state(cell, states[name], mp_refined.input_norm(other, name))
+    set_quant_mode(other, "quantized")
+    with mp_refined.pynative():
+        a = calibrated(Tensor(x)).asnumpy()
+        b = other(Tensor(x)).asnumpy()
+    np.testing.assert_array_equal(a, b)
+    for (_, c1), (_, c2) in zip(quant_cells(calibrated), quant_cells(other)):
+        assert c1.a_q.kind == c2.a_q.kind
+
+
+def test_refined_search_with_vtptq_plus_respects_size(tmp_path):
+    """vtptq_plus 4MP, refined, through quant.py on the 2-block tiny model is not possible (quant.py
+    builds registered models), so: the search on the tiny model, then the chosen widths
+    recalibrated, within the uniform 4-bit size."""
+    from src.quant import model_size_mb
+    cfg = plus_qcfg(w_bits=4, a_bits=4)
+    report = mp_refined.refined_search(tiny2, tiny_images(8), cfg, log=io.StringIO())
+    assert set(report["modules"]) == set(PAPER_TINY_BITS)
+    obj = report["objective"]
+    assert obj["final"] <= min(obj["uniform"], obj["initial"])
+    uniform = tiny2()
+    quantize_model(uniform, cfg)
+    set_quant_mode(uniform, "quantized")
+    model = tiny2()
+    quantize_model(model, cfg, mp.layer_bits_from_modules(uniform, report["modules"]))
+    calibrate_model(model, tiny_images(8), cfg, log=None)
+    assert model_size_mb(model) <= model_size_mb(uniform) + 1e-12
+    for name, bits in report["modules"].items():
+        block, kind = name.rsplit(".", 1)
+        for suffix in mp.MODULE_LAYERS[kind]:
+            cell = dict(quant_cells(model))[f"{block}.{suffix}"]
+            assert all(getattr(cell, f"{op}_q").bits == bits for op in cell.operands)
+
+
 def test_refined_search_on_tiny_model(monkeypatch):
     cfg = qcfg()
     report = mp_refined.refined_search(tiny2, tiny_images(8), cfg, log=io.StringIO())
@@ -181,3 +239,39 @@ def test_plots_skipped_once_without_matplotlib(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.count("plots are skipped") == 1
     assert not (tmp_path / "bits.png").exists()
+
+
+def test_quant_vtptq_plus_refined_checkpoint_reevaluates(tmp_path):
+    # reduced on purpose: 8 calibration images, 10 candidates, 2 rounds, 200 images
+    import importlib
+    eval_script = importlib.import_module("eval")
+    out = tmp_path / "plus_mp"
+    rc = quant_script.cli(["--method", "vtptq_plus", "--mixed-precision", "--mp-target", "4MP", "--mp-criterion",
+                           "refined", "--calib-num", "8", "--search-candidates", "10", "--max-rounds", "2",
+                           "--max-images", "200", "--calib-batch-size", "256", "--output", str(out)])
+    assert rc == 0
+    with open(out / "result.json", encoding="utf-8") as f:
+        saved = json.load(f)
+    assert saved["method"] == "vtptq_plus" and saved["mp_criterion"] == "refined"
+    assert saved["model_size_mb"] <= saved["mp_target_mb"] + 1e-9
+    assert saved["ln_reparam"] is True and saved["gelu_asymmetric"] is True
+    rc = eval_script.cli(["--ckpt", str(out / "quantized.ckpt"), "--max-images", "200", "--output",
+                          str(tmp_path / "ev")])
+    assert rc == 0
+    with open(tmp_path / "ev" / "result.json", encoding="utf-8") as f:
+        ev = json.load(f)
+    assert ev["top1"] == saved["top1"] and ev["top5"] == saved["top5"]
+
+
+def test_cache_keeps_one_copy_of_unchanged_weights():
+    """vtptq changes no parameter: every width's cached state shares the first width's arrays;
+    vtptq_plus's folded layers (qkv / fc1 and their LayerNorms) keep their own where they differ."""
+    x = tiny_images(8)
+    cache = mp_refined.calibrate_widths(tiny2, x, qcfg(), (3, 4), log=io.StringIO())
+    fp = [n for n, st in cache[3].items() if st["fp"] is not None]
+    assert fp and all(cache[4][n]["fp"] is cache[3][n]["fp"] for n in fp)
+    plus = mp_refined.calibrate_widths(tiny2, x, plus_qcfg(), (3, 4), log=io.StringIO())
+    for n, st in plus[4].items():
+        if st["fp"] is not None and st["fp"] is not plus[3][n]["fp"]:
+            assert not all(np.array_equal(u, v) for u, v in zip(st["fp"], plus[3][n]["fp"]) if u is not None)
+    assert all(plus[4][n]["fp"] is plus[3][n]["fp"] for n in plus[4] if n.endswith(("proj", "fc2")))

@@ -220,7 +220,9 @@ def test_resolve_switches_defaults():
     (["--method", "easyquant", "--gelu-asymmetric"], ["gelu_asymmetric", "'easyquant'"]),
     (["--method", "vtptq_plus", "--no-weight-per-channel"], ["weight_channel_search", "weight_per_channel"]),
     (["--method", "vtptq_plus", "--softmax-quantizer", "log3"], ["--softmax-quantizer", "'log3'"]),
-    (["--method", "vtptq_plus", "--mixed-precision"], ["mixed_precision"]),
+    (["--method", "vtptq_plus", "--mixed-precision"], ["mp_criterion", "'paper'", "'vtptq_plus'", "'refined'"]),
+    (["--method", "vtptq_plus", "--mixed-precision", "--mp-criterion", "paper"], ["mp_criterion", "'refined'"]),
+    (["--method", "easyquant", "--mixed-precision", "--mp-criterion", "refined"], ["mixed_precision", "'easyquant'"]),
 ])
 def test_impossible_combinations_exit_2(args, expect, tmp_path, capsys):
     out = tmp_path / "out"

@@ -21,7 +21,11 @@ from ..distributed import gather_samples
 from .calibrate import _set_quant, calibrate_stage, calibration_session, get_method, run_stage
 from .convert import quant_cells
 
-MP_METHODS = ("vtptq",)  # methods quant.py allows mixed precision with (their calibrate: the per-layer interface)
+MP_METHODS = ("vtptq", "vtptq_plus")  # methods quant.py allows mixed precision with (the per-layer interface)
+# criterion -> the methods it works with. The paper's calibrates module by module inside a block
+# and cannot run vtptq_plus's per-block LayerNorm folds (before_stage, which change parameters
+# and depend on both modules' widths); the refined one calibrates whole models with calibrate_model.
+MP_CRITERION_METHODS = {"paper": ("vtptq",), "refined": MP_METHODS}
 MP_TARGETS = {"4MP": (4, (2, 3, 4, 5, 6)), "6MP": (6, (4, 5, 6, 7, 8)), "8MP": (8, (6, 7, 8, 9, 10))}
 MODULE_LAYERS = {"attn": ("attn.qkv", "attn.matmul1", "attn.matmul2", "attn.proj"), "mlp": ("mlp.fc1", "mlp.fc2")}
 MAX_DP_UNITS = 1 << 20

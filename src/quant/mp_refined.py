@@ -60,24 +60,68 @@ MAX_CACHED_INPUTS = 32  # block inputs kept for reuse (the oldest go first): bou
 
 
 # ----------------------------------------------------------------------------- cached states
+# Every method's state of a layer is kept, including what vtptq_plus learns: grid kinds (log
+# softmax grids, the asymmetric post-GELU grid) and zero points, per-channel weight intervals,
+# learned rounding, and the FP parameters that its folds change (the layer's weight and bias,
+# and the LayerNorm folded into it, FOLDED_NORMS). A width's folds differ, so they switch with
+# the module's width too.
+FOLDED_NORMS = {"attn.qkv": "norm1", "mlp.fc1": "norm2"}  # layer suffix -> the block's LayerNorm feeding only it
+
+
+def input_norm(model, name):
+    """The LayerNorm cell whose output feeds only layer `name` (FOLDED_NORMS), or None."""
+    for suffix, norm in FOLDED_NORMS.items():
+        if name.endswith("." + suffix):
+            block = name[:-len(suffix) - 1]
+            return dict(model.cells_and_names()).get(f"{block}.{norm}")
+    return None
+
+
 def layer_states(model):
-    """{layer: state} of every quantized cell: operand widths and signedness, intervals and
-    bias correction, to be put back with apply_state."""
+    """{layer: state} of every quantized cell: operand widths, signedness, grid kinds, intervals
+    and zero points, bias correction, learned weight rounding, the FP weight and bias and the
+    LayerNorm folded into the layer, to be put back with apply_state."""
     out = {}
     for name, cell in quant_cells(model):
-        out[name] = {"q": {op: (getattr(cell, f"{op}_q").bits, getattr(cell, f"{op}_q").signed)
-                           for op in cell.operands},
+        fp = None
+        if hasattr(cell, "weight"):  # Dense / Conv2d (a MatMul has no parameters)
+            fp_b = cell._fp_bias if cell._fp_bias is not None else (cell.bias.asnumpy() if cell.has_bias else None)
+            fp = ((cell._fp_weight if cell._fp_weight is not None else cell.weight.asnumpy()).copy(),
+                  None if fp_b is None else fp_b.copy())
+        norm = input_norm(model, name)
+        out[name] = {"q": {op: (getattr(cell, f"{op}_q").bits, getattr(cell, f"{op}_q").signed,
+                                getattr(cell, f"{op}_q").kind) for op in cell.operands},
                      "scale": {op: cell.get_scale(op) for op in cell.operands},
-                     "bias_corr": None if cell.bias_corr is None else cell.bias_corr.copy()}
+                     "zero_point": {op: getattr(cell, f"{op}_zero_point").asnumpy().copy()
+                                    for op in cell.operands if hasattr(cell, f"{op}_zero_point")},
+                     "bias_corr": None if cell.bias_corr is None else cell.bias_corr.copy(),
+                     "weight_q": None if cell.weight_q is None else cell.weight_q.copy(),
+                     "fp": fp,
+                     "norm": None if norm is None else (norm.gamma.asnumpy().copy(), norm.beta.asnumpy().copy())}
     return out
 
 
-def apply_state(cell, state):
-    """Put a layer_states entry back into a cell of the same architecture."""
+def apply_state(cell, state, norm=None):
+    """Put a layer_states entry back into a cell of the same architecture (and its folded
+    LayerNorm `norm`, input_norm's, if the state has one)."""
+    from mindspore import Tensor
     for op in cell.operands:
-        bits, signed = state["q"][op]
-        cell.set_bits(op, bits, signed)
+        bits, signed, kind = state["q"][op]
+        cell.set_bits(op, bits, signed, kind)
         cell.set_scale(op, state["scale"][op])
+    for op, zp in state["zero_point"].items():
+        getattr(cell, f"{op}_zero_point").set_data(Tensor(zp))
+    if state["fp"] is not None:  # FP parameters first, then the corrections derived from them
+        weight, bias = state["fp"]
+        cell._fp_weight = cell.weight_q = cell._fp_bias = cell.bias_corr = None
+        cell.weight.set_data(Tensor(weight))
+        if bias is not None:
+            cell.bias.set_data(Tensor(bias))
+    if state["norm"] is not None and norm is not None:
+        norm.gamma.set_data(Tensor(state["norm"][0]))
+        norm.beta.set_data(Tensor(state["norm"][1]))
+    if state["weight_q"] is not None:
+        cell.set_quantized_weight(state["weight_q"])
     corr = state["bias_corr"]
     if corr is not None:
         cell.set_bias_correction(corr)
@@ -94,9 +138,26 @@ def calibrate_widths(build_model, images, qcfg, widths, log=sys.stderr):
         model = build_model()
         quantize_model(model, cfg)
         calibrate_model(model, images, cfg, log=None)
-        cache[b] = layer_states(model)
+        cache[b] = _share_equal(layer_states(model), cache[widths[0]] if cache else None)
         print(f"  refined: calibrated every layer at {b} bits [{time.time() - t0:.1f}s]", file=log, flush=True)
     return cache
+
+
+def _share_equal(states, ref):
+    """states with the FP parameters ("fp", "norm") that equal those of `ref` (another width's
+    layer_states) replaced by ref's arrays: one copy of the unchanged weights, whatever the
+    number of widths (a method without folds changes no parameter)."""
+    if ref is not None:
+        for name, st in states.items():
+            for key in ("fp", "norm"):
+                mine, theirs = st[key], ref[name][key]
+                if mine is not None and all(_same(u, v) for u, v in zip(mine, theirs)):
+                    st[key] = theirs
+    return states
+
+
+def _same(u, v):
+    return (u is None) == (v is None) and (u is None or np.array_equal(u, v))
 
 
 # ----------------------------------------------------------------------------- end-to-end objective
@@ -126,8 +187,9 @@ class EndToEnd:
     def __init__(self, model, images, cache, modules, nominal, batch):
         self.model, self.cache, self.modules, self.batch = model, cache, modules, batch
         self.cells = dict(quant_cells(model))
+        self.norms = {name: input_norm(model, name) for name in self.cells}
         for name, cell in self.cells.items():
-            apply_state(cell, cache[nominal][name])
+            apply_state(cell, cache[nominal][name], self.norms[name])
         self.applied = [nominal] * len(modules)
         set_quant_mode(model, "fp")
         x = np.asarray(images, np.float32)
@@ -143,7 +205,7 @@ class EndToEnd:
         for i, (b, cur) in enumerate(zip(assignment, self.applied)):
             if b != cur:
                 for layer in self.modules[i][2]:
-                    apply_state(self.cells[layer], self.cache[b][layer])
+                    apply_state(self.cells[layer], self.cache[b][layer], self.norms[layer])
                 self.applied[i] = b
 
     def _prefix(self, assignment, block):
