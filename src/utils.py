@@ -348,17 +348,18 @@ def install_signal_handlers():
     return previous
 
 
-def _message(e):
+def _notes(e):
     notes = getattr(e, "__notes__", None)
-    return first_line(e) + (f" ({'; '.join(notes)})" if notes else "")
+    return f" ({'; '.join(notes)})" if notes else ""
 
 
-def _os_message(e):
-    """'PATH: reason' for an OSError, whichever way it was raised."""
-    if e.filename is not None and e.strerror:
+def _message(e):
+    """One line for an error: 'PATH: reason' for an OSError that names a file, else its first
+    line; notes (such as what DIR.failed/ kept) in brackets."""
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
         name = e.filename if e.filename2 is None else f"{e.filename} -> {e.filename2}"
-        return f"{name}: {e.strerror}"
-    return first_line(e)
+        return f"{name}: {e.strerror}" + _notes(e)
+    return first_line(e) + _notes(e)
 
 
 def run_cli(fn, *args):
@@ -377,8 +378,7 @@ def run_cli(fn, *args):
         fn(*args)  # a signal after the last safe point: the work is done and kept, exit 0
         return 0
     except KeyboardInterrupt as e:
-        notes = getattr(e, "__notes__", None)
-        print("interrupted" + (f" ({'; '.join(notes)})" if notes else ""), file=sys.stderr, flush=True)
+        print("interrupted" + _notes(e), file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
     except (ConfigError, UserError, ValueError, ImportError) as e:
         if debug:
@@ -388,8 +388,7 @@ def run_cli(fn, *args):
     except OSError as e:  # FileNotFoundError is a user error of the same kind as a bad value
         if debug:
             traceback.print_exc()
-        notes = getattr(e, "__notes__", None)
-        print(f"error: {_os_message(e)}" + (f" ({'; '.join(notes)})" if notes else ""), file=sys.stderr)
+        print(f"error: {_message(e)}", file=sys.stderr)
         return EXIT_USAGE if isinstance(e, FileNotFoundError) else EXIT_OS
     except MemoryError as e:
         if debug:

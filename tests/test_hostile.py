@@ -26,7 +26,7 @@ import mindspore as ms
 from mindspore import Tensor
 
 from src import utils
-from src.config import ConfigError, defaults, load_yaml, resolve
+from src.config import ConfigError, defaults, load_yaml
 from src.data.imagenet import MAX_RESIZED_PIXELS, ImageSizeError, build_eval_transform
 from src.models import create_model
 from src.quant import calibrate_model, quantize_model, save_quantized_checkpoint
