@@ -164,6 +164,7 @@ def _quantize(cfg, dataset, calib_images, shardable, dist, out):
     from src.distributed import all_gather, calibration_shard, evaluate_sharded, gather_counts, sync_calibration
     from src.engine import build_model, resolve_checkpoint
     from src.quant import calibrate_model, layer_report, model_size_mb, quantize_model, save_quantized_checkpoint
+    from src.quant.convert import freeze_weights
     from src.quant.vtptq_plus import SWITCHES
     from src.utils import atomic_write_json
     if dist.is_main:
@@ -191,6 +192,7 @@ def _quantize(cfg, dataset, calib_images, shardable, dist, out):
     if dist.is_main:
         save_quantized_checkpoint(model, out.path("quantized.ckpt"), cfg["model"], extra_meta={
             "method": cfg["method"], "w_bits": cfg["w_bits"], "a_bits": cfg["a_bits"]})
+    freeze_weights(model)  # the intervals are final: quantize the weights once for the evaluation
     res = evaluate_sharded(model, dataset, cfg["batch_size"], num_workers=cfg["num_workers"], desc="quantized eval")
     layers = layer_report(model)
     for name, info in calib_report.items():

@@ -117,6 +117,14 @@ def set_quant_mode(model, mode):
         cell.set_quant(weight=on, act=on)
 
 
+def freeze_weights(model):
+    """Quantize every quantized layer's weight once and skip its weight quantizer in the forward
+    pass (QuantCellMixin.freeze_weight; the outputs are bit-identical). For evaluation, after the
+    intervals are final."""
+    for _, cell in quant_cells(model):
+        cell.freeze_weight()
+
+
 def _is_scale(name):
     return name.rsplit(".", 1)[-1] in ("w_scale", "a_scale", "b_scale", "a_zero_point")
 
@@ -351,10 +359,11 @@ def load_quantized_checkpoint(path, model_name=None):
         raise ValueError(f"{path}: quantized checkpoint does not fit model '{meta['model']}': "
                          f"missing {missing[:8]}, unexpected {unexpected[:8]}")
     set_quant_mode(model, "quantized")
+    freeze_weights(model)  # the weights are codes x interval already: no weight quantizer in the forward pass
     model.model_name = meta["model"]
     return model, meta
 
 
-__all__ = ["QUANT_TABLE", "quant_targets", "quantize_model", "quant_cells", "set_quant_mode", "model_size_mb",
+__all__ = ["QUANT_TABLE", "quant_targets", "quantize_model", "quant_cells", "set_quant_mode", "freeze_weights", "model_size_mb",
            "layer_report", "check_calibrated", "save_quantized_checkpoint", "load_quantized_checkpoint", "read_quant_meta",
            "QuantDense", "QuantConv2d", "QuantMatMul"]

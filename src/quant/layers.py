@@ -10,7 +10,7 @@ Whether a cell quantizes is set by `set_quant(weight, act)`, model-wide through
 import numpy as np
 from mindspore import nn, ops, Parameter, Tensor
 
-from ..models.vit import MatMul, patch_conv
+from ..models.vit import MatMul, dense, patch_conv
 from .quantizer import LOG_INV_STEP, check_bits, check_kind, fake_quant, fake_quant_asym, fake_quant_log, qrange
 
 
@@ -45,6 +45,7 @@ class QuantCellMixin:
     _fp_bias = None
     weight_q = None  # learned weight rounding (vtptq_plus recon_iters): the weight while w is quantized
     _fp_weight = None
+    w_frozen = False  # the weight parameter holds the quantized weight while w is on: no weight quantizer
 
     def set_quant(self, weight=None, act=None):
         """Turn quantization of the weight (w) and of the activations (a, b) on or off. With a
@@ -76,6 +77,22 @@ class QuantCellMixin:
         self.weight_q = np.asarray(value, np.float32).reshape(self._fp_weight.shape)
         self._apply_bias()
 
+    def freeze_weight(self):
+        """Store the fake-quantized weight once (as weight_q, computed by the forward pass's own
+        quantizer, so the values are those it would give) and skip the weight quantizer from now
+        on: fake quantization is idempotent on its own grid, so the outputs stay bit-identical and
+        an evaluation no longer re-quantizes constant weights in every forward pass. Turning the
+        weight quantizer off still restores the FP weight. Python attribute: set before a GRAPH
+        compile."""
+        if "w" not in self.operands or self.w_frozen:
+            return
+        q = self.w_q
+        w = self.weight_q if self.weight_q is not None else (
+            self._fp_weight if self._fp_weight is not None else self.weight.asnumpy())
+        value = fake_quant(Tensor(np.asarray(w, np.float32)), self.w_scale, q.qmin, q.qmax).asnumpy()
+        self.set_quantized_weight(value)
+        self.w_frozen = True
+
     def _apply_bias(self):
         if self.weight_q is not None:
             self.weight.set_data(Tensor(self.weight_q if self.w_on else self._fp_weight))
@@ -83,7 +100,13 @@ class QuantCellMixin:
             value = self._fp_bias - self.bias_corr if self.quantizing() else self._fp_bias
             self.bias.set_data(Tensor(value.astype(np.float32)))
 
+    def _check_not_frozen(self, name):
+        if name == "w" and self.w_frozen:
+            raise RuntimeError(f"{type(self).__name__}: the weight is frozen (freeze_weight); its interval and "
+                               f"bits can no longer change")
+
     def set_bits(self, name, bits, signed=None, kind=None):
+        self._check_not_frozen(name)
         q = getattr(self, f"{name}_q")
         kind = q.kind if kind is None else kind
         if kind == "asym" and not hasattr(self, f"{name}_zero_point"):
@@ -91,6 +114,7 @@ class QuantCellMixin:
         setattr(self, f"{name}_q", _QuantOperand(bits, q.signed if signed is None else signed, kind))
 
     def set_scale(self, name, value):
+        self._check_not_frozen(name)
         p = getattr(self, f"{name}_scale")
         value = np.asarray(value, np.float32).reshape(p.shape)
         if not np.all(np.isfinite(value)) or np.any(value <= 0):
@@ -137,7 +161,7 @@ class _WeightLayerMixin(QuantCellMixin):
             x = fake_quant_asym(x, self.a_scale, self.a_zero_point, self.a_q.qmax)
         elif self.a_on:
             x = fake_quant(x, self.a_scale, self.a_q.qmin, self.a_q.qmax)
-        if self.w_on:
+        if self.w_on and not self.w_frozen:
             w = fake_quant(w, self.w_scale, self.w_q.qmin, self.w_q.qmax)
         return x, w
 
@@ -153,11 +177,7 @@ class QuantDense(_WeightLayerMixin, nn.Dense):
 
     def construct(self, x):
         x, w = self._quant_input_weight(x)
-        shape = x.shape
-        x = ops.matmul(x.reshape(-1, shape[-1]), w.T)
-        if self.has_bias:
-            x = x + self.bias
-        return x.reshape(shape[:-1] + (w.shape[0],))
+        return dense(x, w, self.bias if self.has_bias else None)
 
 
 class QuantConv2d(_WeightLayerMixin, nn.Conv2d):

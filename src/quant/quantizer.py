@@ -10,6 +10,8 @@ QuantizeLinear do:
 import numpy as np
 from mindspore import ops
 
+from ..models.vit import divide
+
 MIN_BITS, MAX_BITS = 2, 16
 EPS = 1e-12
 
@@ -74,7 +76,7 @@ def fake_quant_np(x, scale, bits, signed=True):
 
 def fake_quant(x, scale, qmin, qmax):
     """MindSpore fake quantization; `scale` a Tensor broadcastable to x, qmin/qmax Python numbers."""
-    return ops.clamp(ops.round(x / scale), qmin, qmax) * scale
+    return ops.clamp(ops.round(divide(x, scale)), qmin, qmax) * scale
 
 
 def storage_dtype(bits):
@@ -151,11 +153,11 @@ def grid_levels(bits, kind="uniform", signed=True):
 def fake_quant_log(x, scale, bits, inv_step):
     """MindSpore form of fake_quant_log_np (inv_step 1.0 for log2, 2.0 for log√2)."""
     last = 2 ** bits - 2
-    y = x / scale
+    y = divide(x, scale)
     e = ops.maximum(ops.round(-ops.log2(ops.maximum(y, LOG_TINY)) * inv_step), 0.0)
-    return ops.where(ops.logical_or(e > last, y <= 0), ops.zeros_like(x), scale * ops.exp2(-e / inv_step))
+    return ops.where(ops.logical_or(e > last, y <= 0), ops.zeros_like(x), scale * ops.exp2(divide(-e, inv_step)))
 
 
 def fake_quant_asym(x, scale, zp, qmax):
     """MindSpore form of fake_quant_asym_np."""
-    return (ops.clamp(ops.round(x / scale) + zp, 0, qmax) - zp) * scale
+    return (ops.clamp(ops.round(divide(x, scale)) + zp, 0, qmax) - zp) * scale
