@@ -11,15 +11,20 @@ import math
 
 import numpy as np
 import mindspore as ms
-from mindspore import mint, nn, ops, Parameter, Tensor
+from mindspore import nn, ops, Parameter, Tensor
 from mindspore.common.initializer import initializer, TruncatedNormal, Zero, One
+
+from .. import kernels
 
 
 # Operations chosen for MindSpore's CPU backend in GRAPH mode (2.10). The outputs of Div (`/`),
-# Transpose (`Tensor.transpose`) and a broadcasting Add of a bias never have their memory reused
-# within a graph, so each one keeps its own buffer for the whole forward pass (ten divisions of
-# a DeiT-S MLP activation at batch 32: 1.5 GB). RealDiv, mint.permute, BiasAdd and MatMul with
-# transpose_b compute the same values, bit for bit, and their memory is reused.
+# Transpose and a broadcasting Add of a bias never have their memory reused within a graph, so
+# each one keeps its own buffer for the whole forward pass (ten divisions of a DeiT-S MLP
+# activation at batch 32: 1.5 GB). RealDiv, BiasAdd and MatMul with transpose_b compute the same
+# values, bit for bit, and their memory is reused. The attention's transpositions of the heads
+# use a fused kernel (src/kernels) where available: mint.permute's memory is reused, but the
+# copies it implies take about 4x the time of Transpose. The patch embedding's transpositions
+# (once per forward pass) stay Transpose.
 _real_div = ops.RealDiv()
 _matmul_t = ops.MatMul(transpose_b=True)
 
@@ -27,11 +32,6 @@ _matmul_t = ops.MatMul(transpose_b=True)
 def divide(x, y):
     """x / y (the values of `/`, bit for bit; see above)."""
     return _real_div(x, y)
-
-
-def permute(x, axes):
-    """x.transpose(*axes) (the same values; see above)."""
-    return mint.permute(x, axes)
 
 
 def dense(x, weight, bias=None):
@@ -65,11 +65,11 @@ def patch_conv(x, weight, bias, patch):
     timing on 2 CPU cores)."""
     b, c, h, w = x.shape
     gh, gw = h // patch, w // patch
-    cols = permute(x.reshape(b, c, gh, patch, gw, patch), (0, 2, 4, 1, 3, 5)).reshape(b * gh * gw, c * patch * patch)
+    cols = x.reshape(b, c, gh, patch, gw, patch).transpose(0, 2, 4, 1, 3, 5).reshape(b * gh * gw, c * patch * patch)
     out = _matmul_t(cols, weight.reshape(weight.shape[0], -1))
     if bias is not None:
         out = ops.bias_add(out, bias)
-    return permute(out.reshape(b, gh, gw, -1), (0, 3, 1, 2))
+    return out.reshape(b, gh, gw, -1).transpose(0, 3, 1, 2)
 
 
 class PatchConv2d(nn.Conv2d):
@@ -100,7 +100,7 @@ class PatchEmbed(nn.Cell):
     def construct(self, x):
         x = self.proj(x)
         b, c, h, w = x.shape
-        return permute(x.reshape(b, c, h * w), (0, 2, 1))
+        return x.reshape(b, c, h * w).transpose(0, 2, 1)
 
 
 class Attention(nn.Cell):
@@ -118,6 +118,15 @@ class Attention(nn.Cell):
         self.softmax = nn.Softmax(axis=-1)
         self.matmul2 = MatMul()
         self.proj = nn.Dense(dim, dim)
+        self.heads_t = kernels.permute0213_op()  # fused CPU transposition of the heads (src/kernels), or None
+        self.heads_t_cfg = kernels.config()
+
+    def swap_heads(self, x):
+        """(b, n, heads, d) <-> (b, heads, n, d). The fused CPU kernel where available: the same values
+        as Transpose at its speed, with its memory reused (see above)."""
+        if self.heads_t is not None:
+            return self.heads_t(x, self.heads_t_cfg)
+        return ops.transpose(x, (0, 2, 1, 3))
 
     def construct(self, x):
         b, n, c = x.shape
@@ -125,11 +134,11 @@ class Attention(nn.Cell):
         # values as indexing a (3, b, heads, n, d) transpose, without MindSpore's CPU StridedSlice
         # (about 33 ms per slice for DeiT-S at batch 32, a third of the forward pass)
         q, k, v = ops.split(self.qkv(x), c, axis=-1)
-        q, k, v = (permute(t.reshape(b, n, self.num_heads, self.head_dim), (0, 2, 1, 3)) for t in (q, k, v))
+        q, k, v = (self.swap_heads(t.reshape(b, n, self.num_heads, self.head_dim)) for t in (q, k, v))
         attn = self.matmul1(q, k) * self.scale
         attn = self.softmax(attn)
         x = self.matmul2(attn, v)
-        x = permute(x, (0, 2, 1, 3)).reshape(b, n, c)
+        x = self.swap_heads(x).reshape(b, n, c)
         return self.proj(x)
 
 
@@ -144,8 +153,12 @@ class GELU(nn.Cell):
         self.sqrt2 = Tensor(np.sqrt(np.float32(2.0)), ms.float32)
         self.one = Tensor(1.0, ms.float32)
         self.half = Tensor(0.5, ms.float32)
+        self.fused = kernels.gelu_op()  # one fused CPU pass with the same values, or None (src/kernels)
+        self.fused_cfg = kernels.config(np.sqrt(np.float32(2.0)))
 
     def construct(self, x):
+        if self.fused is not None:
+            return self.fused(x, self.fused_cfg)
         return x * (ops.erf(divide(x, self.sqrt2)) + self.one) * self.half
 
 

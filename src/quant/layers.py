@@ -10,6 +10,7 @@ Whether a cell quantizes is set by `set_quant(weight, act)`, model-wide through
 import numpy as np
 from mindspore import nn, ops, Parameter, Tensor
 
+from .. import kernels
 from ..models.vit import MatMul, dense, patch_conv
 from .quantizer import LOG_INV_STEP, check_bits, check_kind, fake_quant, fake_quant_asym, fake_quant_log, qrange
 
@@ -29,6 +30,10 @@ class _QuantOperand:
         self.qmin, self.qmax = qrange(self.bits, self.signed)
         self.inv_step = LOG_INV_STEP.get(kind, 0.0)  # > 0 for a log grid
 
+    def kernel_config(self, zero_point):
+        """Config tensor of the fused CPU quantizer (src/kernels): lo, hi, zero point on/off, threads."""
+        return kernels.config(self.qmin, self.qmax, float(bool(zero_point)))
+
     def as_dict(self):
         d = {"bits": self.bits, "signed": self.signed}
         if self.kind != "uniform":
@@ -46,6 +51,20 @@ class QuantCellMixin:
     weight_q = None  # learned weight rounding (vtptq_plus recon_iters): the weight while w is quantized
     _fp_weight = None
     w_frozen = False  # the weight parameter holds the quantized weight while w is on: no weight quantizer
+    fq_op = None  # the fused CPU activation quantizer (src/kernels), or None: the MindSpore chain
+
+    def _init_kernels(self):
+        """Use the fused CPU quantizer for the activation operands if src/kernels provides it now."""
+        self.fq_op = kernels.fake_quant_op()
+        self._zero = Tensor(np.zeros((1,), np.float32))
+        for op in self.operands:
+            if op != "w":
+                self._set_kernel_config(op)
+
+    def _set_kernel_config(self, name):
+        if self.fq_op is not None:
+            q = getattr(self, f"{name}_q")
+            setattr(self, f"{name}_cfg", q.kernel_config(q.kind == "asym"))
 
     def set_quant(self, weight=None, act=None):
         """Turn quantization of the weight (w) and of the activations (a, b) on or off. With a
@@ -112,6 +131,8 @@ class QuantCellMixin:
         if kind == "asym" and not hasattr(self, f"{name}_zero_point"):
             raise ValueError(f"operand '{name}' of {type(self).__name__} has no zero point (create the cell with asym)")
         setattr(self, f"{name}_q", _QuantOperand(bits, q.signed if signed is None else signed, kind))
+        if name != "w":
+            self._set_kernel_config(name)
 
     def set_scale(self, name, value):
         self._check_not_frozen(name)
@@ -151,13 +172,16 @@ class _WeightLayerMixin(QuantCellMixin):
         if self.asym:
             self.a_zero_point = Parameter(Tensor(np.zeros((1,), np.float32)), name="a_zero_point", requires_grad=False)
         self.w_on = self.a_on = False
+        self._init_kernels()
 
     def set_zero_point(self, value):
         self.a_zero_point.set_data(Tensor(np.asarray(value, np.float32).reshape(1)))
 
     def _quant_input_weight(self, x):
         w = self.weight
-        if self.a_on and self.asym:
+        if self.a_on and self.fq_op is not None:
+            x = self.fq_op(x, self.a_scale, self.a_zero_point if self.asym else self._zero, self.a_cfg)
+        elif self.a_on and self.asym:
             x = fake_quant_asym(x, self.a_scale, self.a_zero_point, self.a_q.qmax)
         elif self.a_on:
             x = fake_quant(x, self.a_scale, self.a_q.qmin, self.a_q.qmax)
@@ -209,15 +233,20 @@ class QuantMatMul(QuantCellMixin, MatMul):
         self.a_scale = _scale_param((1,), "a_scale")
         self.b_scale = _scale_param((1,), "b_scale")
         self.a_on = self.b_on = False
+        self._init_kernels()
         self.is_attention_scores = False  # set for attn.matmul1 (the ranking loss applies to it)
         self.scores_scale = 1.0
 
     def construct(self, a, b):
         if self.a_on and self.a_q.inv_step > 0:  # log2 / log√2 grid (vtptq_plus softmax output)
             a = fake_quant_log(a, self.a_scale, self.a_q.bits, self.a_q.inv_step)
+        elif self.a_on and self.fq_op is not None:
+            a = self.fq_op(a, self.a_scale, self._zero, self.a_cfg)
         elif self.a_on:
             a = fake_quant(a, self.a_scale, self.a_q.qmin, self.a_q.qmax)
-        if self.b_on:
+        if self.b_on and self.fq_op is not None:
+            b = self.fq_op(b, self.b_scale, self._zero, self.b_cfg)
+        elif self.b_on:
             b = fake_quant(b, self.b_scale, self.b_q.qmin, self.b_q.qmax)
         return self.bmm(a, b)
 
