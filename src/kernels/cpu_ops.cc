@@ -4,8 +4,9 @@
 // same order, so that the results are bit-identical to that chain:
 //
 //   FakeQuant: (clamp(round(x / s) [+ z], lo, hi) [- z]) * s      (quantizer.fake_quant / _asym)
-//              round: half to even (nearbyint); clamp as Maximum then Minimum do it (a NaN
-//              becomes lo); z only for the asymmetric grid.
+//              round: half to even (nearbyint); clamp as MindSpore's Maximum then Minimum
+//              compute it, max(a, b) = a > b ? a : b (a NaN becomes lo, max(-0, 0) is +0);
+//              z only for the asymmetric grid.
 //   Gelu:      (x * (erf(x / sqrt2) + 1)) * 0.5                   (src.models.vit.GELU)
 //
 // Built with -ffp-contract=off (no fused multiply-add) and without -ffast-math. Denormal inputs
@@ -90,15 +91,15 @@ extern "C" int FakeQuant(int nparam, void **params, int *ndims, int64_t **shapes
     if (use_z) {
       for (int64_t i = a; i < b; ++i) {
         float r = std::nearbyint(x[i] / s) + z;
-        r = r >= lo ? r : lo;
-        r = r <= hi ? r : hi;
+        r = r > lo ? r : lo;
+        r = r < hi ? r : hi;
         y[i] = (r - z) * s;
       }
     } else {
       for (int64_t i = a; i < b; ++i) {
         float r = std::nearbyint(x[i] / s);
-        r = r >= lo ? r : lo;
-        r = r <= hi ? r : hi;
+        r = r > lo ? r : lo;
+        r = r < hi ? r : hi;
         y[i] = r * s;
       }
     }

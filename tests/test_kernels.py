@@ -1,0 +1,158 @@
+"""Speed work of issue #12 that must not move any number: the fused CPU kernels (src/kernels)
+against the MindSpore chains they replace, bit for bit, and weights frozen at evaluation."""
+import io
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import mindspore as ms
+from mindspore import nn, ops, Parameter, Tensor
+
+from src import kernels
+from src.models.vit import GELU, divide
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+pytestmark = pytest.mark.skipif(not kernels.enabled(), reason="fused CPU kernels not available (no C++ compiler)")
+
+
+def hostile_values(rng, n, step):
+    """Normal values, many exact ties at half a step, and special values."""
+    x = (rng.standard_normal(n) * 40 * step).astype(np.float32)
+    x[: n // 4] = (rng.integers(-400, 400, n // 4) * 0.5 * step).astype(np.float32)  # ties of round()
+    special = np.array([np.nan, np.inf, -np.inf, -0.0, 0.0, 1e-40, -1e-40, 3e38, -3e38, step / 2, -step / 2,
+                        0.49999997 * step, -1e-3 * step, 127.5 * step, -128.5 * step, 255.5 * step], np.float32)
+    x[n // 4: n // 4 + len(special)] = special
+    return x
+
+
+class Chain(nn.Cell):
+    """The MindSpore chain of quantizer.fake_quant / fake_quant_asym (zp None: symmetric)."""
+
+    def __init__(self, scale, lo, hi, zp=None):
+        super().__init__()
+        self.s = Parameter(Tensor(np.array([scale], np.float32)), requires_grad=False)
+        self.z = None if zp is None else Parameter(Tensor(np.array([zp], np.float32)), requires_grad=False)
+        self.lo, self.hi = lo, hi
+
+    def construct(self, x):
+        if self.z is None:
+            return ops.clamp(ops.round(divide(x, self.s)), self.lo, self.hi) * self.s
+        return (ops.clamp(ops.round(divide(x, self.s)) + self.z, self.lo, self.hi) - self.z) * self.s
+
+
+class Fused(nn.Cell):
+    def __init__(self, scale, lo, hi, zp=None):
+        super().__init__()
+        self.op = kernels.fake_quant_op()
+        self.s = Parameter(Tensor(np.array([scale], np.float32)), requires_grad=False)
+        self.z = Tensor(np.array([0.0 if zp is None else zp], np.float32))
+        self.cfg = kernels.config(lo, hi, float(zp is not None))
+
+    def construct(self, x):
+        return self.op(x, self.s, self.z, self.cfg)
+
+
+def bits(a):
+    return np.asarray(a, np.float32).view(np.int32)
+
+
+@pytest.mark.parametrize("mode", ["graph", "pynative"])
+@pytest.mark.parametrize("lo,hi,zp", [(-128, 127, None), (-8, 7, None), (0, 15, None), (0, 255, 37.0), (0, 7, 0.0)])
+def test_fused_fake_quant_bit_identical(mode, lo, hi, zp):
+    ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
+    try:
+        rng = np.random.default_rng(hi - lo)
+        scale = 0.0371
+        x = Tensor(hostile_values(rng, 200_000, scale).reshape(8, 25, 1000))
+        ref, out = Chain(scale, lo, hi, zp)(x).asnumpy(), Fused(scale, lo, hi, zp)(x).asnumpy()
+        assert np.array_equal(bits(ref), bits(out)), np.flatnonzero(bits(ref) != bits(out))[:10]
+    finally:
+        ms.set_context(mode=ms.GRAPH_MODE)
+
+
+@pytest.mark.parametrize("mode", ["graph", "pynative"])
+def test_fused_gelu_bit_identical(mode):
+    """The fused exact GELU equals ops.gelu(approximate='none') and the RealDiv chain, bit for bit."""
+    ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
+    try:
+        rng = np.random.default_rng(1)
+        x = np.concatenate([rng.standard_normal(300_000) * 3, rng.uniform(-12, 12, 100_000),
+                            rng.standard_normal(50_000) * 1e-3]).astype(np.float32)
+        x[:12] = [np.nan, np.inf, -np.inf, 0.0, -0.0, 1e-40, -1e-40, 3e38, -3e38, 1e-30, 5.0, -5.0]
+        t = Tensor(x.reshape(4, -1))
+        fused = GELU()
+        assert fused.fused is not None
+        chain = GELU()
+        chain.fused = None
+        ref = ops.gelu(t, approximate="none").asnumpy()
+        assert np.array_equal(bits(fused(t).asnumpy()), bits(ref))
+        assert np.array_equal(bits(chain(t).asnumpy()), bits(ref))
+    finally:
+        ms.set_context(mode=ms.GRAPH_MODE)
+
+
+def test_fused_heads_transposition():
+    op, cfg = kernels.permute0213_op(), kernels.config()
+    x = np.random.default_rng(2).standard_normal((3, 197, 6, 64)).astype(np.float32)
+    out = op(Tensor(x), cfg).asnumpy()
+    assert out.shape == (3, 6, 197, 64)
+    assert np.array_equal(out, x.transpose(0, 2, 1, 3))
+    assert np.array_equal(op(Tensor(out), cfg).asnumpy(), x)
+
+
+def _embedded_logits(freeze, env):
+    """Quantized (W4A4 minmax, per-channel weights) embedded model logits in a subprocess with env."""
+    code = f"""
+import io, sys, numpy as np, mindspore as ms
+sys.path.insert(0, {ROOT!r})
+from src.config import defaults
+from src.models import create_model
+from src.models.registry import default_checkpoint
+from src.quant import calibrate_model, quantize_model, set_quant_mode
+from src.quant.convert import freeze_weights
+from src.data.fmnist import load_embedded, normalize
+ms.set_device("CPU")
+x = normalize(load_embedded("test")[0][:64], (0.5,), (0.5,))
+cfg = defaults(); cfg.update(model="deit_fmnist", method="minmax", w_bits=4, a_bits=4, calib_num=32,
+                             weight_per_channel=True)
+m = create_model("deit_fmnist", checkpoint=default_checkpoint("deit_fmnist"))
+quantize_model(m, cfg); calibrate_model(m, x[:32], cfg, log=io.StringIO()); set_quant_mode(m, "quantized")
+if {freeze}: freeze_weights(m)
+ms.set_context(mode=ms.GRAPH_MODE); m.set_train(False)
+sys.stdout.buffer.write(m(ms.Tensor(x)).asnumpy().tobytes())
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, env={**os.environ, **env}, check=True)
+    return np.frombuffer(out.stdout, np.float32)
+
+
+def test_embedded_model_same_logits_with_and_without_kernels_and_freezing():
+    """The quantized embedded model gives bit-identical logits with the fused kernels on or off,
+    with or without frozen weights."""
+    ref = _embedded_logits(False, {"VTPTQ_CPU_KERNELS": "0"})
+    assert ref.size == 64 * 10
+    assert np.array_equal(ref, _embedded_logits(True, {}))
+    assert np.array_equal(ref, _embedded_logits(False, {}))
+
+
+def test_frozen_weight_is_final():
+    from src.quant.layers import QuantDense
+    cell = QuantDense(8, 4, w_bits=4, a_bits=4)
+    cell.set_scale("w", [0.05])
+    cell.set_quant(weight=True, act=True)
+    w_fp = cell.weight.asnumpy().copy()
+    cell.freeze_weight()
+    assert cell.w_frozen
+    codes = cell.weight.asnumpy() / 0.05
+    assert np.allclose(codes, np.round(codes), atol=1e-4) and np.abs(np.round(codes)).max() <= 8
+    with pytest.raises(RuntimeError, match="frozen"):
+        cell.set_scale("w", [0.1])
+    cell.set_quant(weight=False)
+    assert np.array_equal(cell.weight.asnumpy(), w_fp)  # FP mode restores the FP weight
+
+
+def test_kernels_switch_off(monkeypatch):
+    monkeypatch.setenv("VTPTQ_CPU_KERNELS", "0")
+    assert not kernels.enabled() and kernels.fake_quant_op() is None and kernels.gelu_op() is None
