@@ -6,7 +6,10 @@ the QDQ graph (int8) and the plain float graph of the same weights (quantized=Fa
 run in onnxruntime (CPU, ORT_ENABLE_ALL, `--threads` intra-op threads) on the same batch,
 timed alternately; the median images/second of each and their ratio (int8 / FP32; the
 target is >= 1.5x) are reported, with MindSpore's FP and fake-quantized GRAPH-mode
-images/second for reference (`--skip-mindspore` skips them). onnxruntime's optimized int8
+images/second, timed in the same rounds, and their ratios (MindSpore FP / onnxruntime FP32,
+target >= 0.6x; fake-quant / MindSpore FP, target >= 0.9x; `--skip-mindspore` skips them).
+The fake-quantized model is the one `eval.py --ckpt quantized.ckpt` builds: saved with
+save_quantized_checkpoint and loaded (weights frozen). onnxruntime's optimized int8
 graph is inspected: every quantized product must have become an integer kernel
 (MatMulIntegerToFloat, QLinearMatMul, ...); the count is printed.
 
@@ -38,8 +41,11 @@ from src.export.onnx import export_onnx  # noqa: E402
 from src.models import create_model, get_data_config, list_models  # noqa: E402
 from src.models.registry import default_checkpoint  # noqa: E402
 from src.quant import calibrate_model, quant_cells, quantize_model, set_quant_mode  # noqa: E402
+from src.quant.convert import evaluation_model  # noqa: E402
 
 TARGET_RATIO = 1.5
+TARGET_MS_FP = 0.6  # MindSpore FP GRAPH / onnxruntime FP32 (issue #12)
+TARGET_MS_FAKE_QUANT = 0.9  # MindSpore fake-quant W8A8 / MindSpore FP (issue #12)
 INTEGER_OPS = ("MatMulIntegerToFloat", "QLinearMatMul", "MatMulInteger", "QGemm", "DynamicQuantizeMatMul",
                "QAttention")
 FLOAT_PRODUCTS = ("MatMul", "FusedMatMul", "Gemm")
@@ -138,6 +144,8 @@ def main(argv=None):
     print(f"calibrated {len(quant_cells(model))} layers on {args.calib_num} images in "
           f"{time.perf_counter() - t0:.1f} s", flush=True)
     set_quant_mode(model, "quantized")
+    # MindSpore's fake-quant model: the one `eval.py --ckpt quantized.ckpt` builds (weights frozen)
+    ms_model = None if args.skip_mindspore else evaluation_model(model, args.model)
 
     tmp = None if args.keep_dir else tempfile.TemporaryDirectory()
     out_dir = args.keep_dir or tmp.name
@@ -155,8 +163,17 @@ def main(argv=None):
           f"for {n_quant} quantized layers, {n_float} float products left", flush=True)
 
     feeds = {"input": x}
-    fns = {k: (lambda s=s: s.run(None, feeds)) for k, s in sessions.items()}
-    ort_rate, ort_rates, ort_warm = alternate(fns, args.batch_size, args.iters, args.warmup, args.repeats)
+    fns = {f"ort_{k}": (lambda s=s: s.run(None, feeds)) for k, s in sessions.items()}
+    if not args.skip_mindspore:  # timed in the same rounds as onnxruntime, so each ratio is from one run
+        ms.set_context(mode=ms.GRAPH_MODE)
+        fp.set_train(False)
+        ms_model.set_train(False)
+        t = ms.Tensor(x)
+        fns.update(ms_fp=lambda: fp(t).asnumpy(), ms_fake_quant=lambda: ms_model(t).asnumpy())
+    rate, rates, warm = alternate(fns, args.batch_size, args.iters, max(args.warmup, 1), args.repeats)
+    ort_rate = {k: rate[f"ort_{k}"] for k in sessions}
+    ort_rates = {k: rates[f"ort_{k}"] for k in sessions}
+    ort_warm = {k: warm[f"ort_{k}"] for k in sessions}
     ort_out = {k: s.run(None, feeds)[0] for k, s in sessions.items()}
     result = {"model": args.model, "batch_size": args.batch_size, "threads": args.threads, "iters": args.iters,
               "repeats": args.repeats, "per_channel": args.per_channel, "onnxruntime": ort.__version__,
@@ -167,19 +184,19 @@ def main(argv=None):
               "file_mb": {k: os.path.getsize(p) / 1e6 for k, p in paths.items()}}
 
     if not args.skip_mindspore:
-        ms.set_context(mode=ms.GRAPH_MODE)
-        fp.set_train(False)
-        model.set_train(False)
-        t = ms.Tensor(x)
-        ms_fns = {"fp": lambda: fp(t).asnumpy(), "fake_quant": lambda: model(t).asnumpy()}
-        ms_rate, ms_rates, ms_warm = alternate(ms_fns, args.batch_size, args.iters, max(args.warmup, 1), args.repeats)
-        fq, fp_out = model(t).asnumpy(), fp(t).asnumpy()
+        ms_rate = {k: rate[f"ms_{k}"] for k in ("fp", "fake_quant")}
+        ms_rates = {k: rates[f"ms_{k}"] for k in ("fp", "fake_quant")}
+        ms_warm = {k: warm[f"ms_{k}"] for k in ("fp", "fake_quant")}
+        fq, fp_out = ms_model(t).asnumpy(), fp(t).asnumpy()
         diff = np.abs(ort_out["int8"] - fq)
         top2 = np.sort(fq, axis=1)[:, -2:]
         flipped = ort_out["int8"].argmax(1) != fq.argmax(1)
         result.update(logit_scale=float(np.abs(fq).max()),
-                      fp32_vs_ms_fp_max_abs_diff=float(np.abs(ort_out["fp32"] - fp_out).max()),ms_fp_images_per_second=ms_rate["fp"], ms_fake_quant_images_per_second=ms_rate["fake_quant"],
+                      fp32_vs_ms_fp_max_abs_diff=float(np.abs(ort_out["fp32"] - fp_out).max()),
+                      ms_fp_images_per_second=ms_rate["fp"], ms_fake_quant_images_per_second=ms_rate["fake_quant"],
                       ms_rates=ms_rates, ms_warmup_seconds=ms_warm,
+                      ms_fp_vs_ort_fp32=ms_rate["fp"] / ort_rate["fp32"],
+                      ms_fake_quant_vs_ms_fp=ms_rate["fake_quant"] / ms_rate["fp"],
                       int8_vs_fake_quant_max_abs_diff=float(diff.max()),
                       # the fake-quant top-1 - top-2 logit gap of the images whose top-1 differs
                       flipped_top1_margin_max=float((top2[:, 1] - top2[:, 0])[flipped].max()) if flipped.any() else None,
@@ -200,6 +217,11 @@ def main(argv=None):
     print(f"\n{args.model}, batch {args.batch_size}: onnxruntime int8 / FP32 = {result['ratio']:.2f}x "
           f"(target >= {TARGET_RATIO}x: {ok}); {n_int}/{n_quant} quantized products run as integer kernels")
     if not args.skip_mindspore:
+        ok_fp = "ok" if result["ms_fp_vs_ort_fp32"] >= TARGET_MS_FP else "BELOW"
+        ok_fq = "ok" if result["ms_fake_quant_vs_ms_fp"] >= TARGET_MS_FAKE_QUANT else "BELOW"
+        print(f"MindSpore FP / onnxruntime FP32 = {result['ms_fp_vs_ort_fp32']:.2f}x (target >= {TARGET_MS_FP}x: "
+              f"{ok_fp}); MindSpore fake-quant W8A8 / MindSpore FP = {result['ms_fake_quant_vs_ms_fp']:.2f}x "
+              f"(target >= {TARGET_MS_FAKE_QUANT}x: {ok_fq})")
         print(f"onnxruntime int8 vs MindSpore fake-quant on this batch: top-1 agreement "
               f"{100 * result['int8_vs_fake_quant_top1_agreement']:.1f}%, max |logit diff| "
               f"{result['int8_vs_fake_quant_max_abs_diff']:.3g} (largest |logit| {result['logit_scale']:.3g}; "

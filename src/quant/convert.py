@@ -1,6 +1,7 @@
 """Which cells get quantized (one table), model-wide quantization mode, model size, and the
 quantized checkpoint (integer weights, intervals, bits per layer, model name)."""
 import json
+import os
 import warnings
 
 import numpy as np
@@ -123,6 +124,16 @@ def freeze_weights(model):
     intervals are final."""
     for _, cell in quant_cells(model):
         cell.freeze_weight()
+
+
+def evaluation_model(model, model_name):
+    """The model `eval.py --ckpt` builds from this quantized model's checkpoint (saved to a
+    temporary folder and loaded: weights frozen, in quantized mode), for benchmarks."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "quantized.ckpt")
+        save_quantized_checkpoint(model, path, model_name)
+        return load_quantized_checkpoint(path, model_name)[0]
 
 
 def _is_scale(name):
@@ -364,6 +375,6 @@ def load_quantized_checkpoint(path, model_name=None):
     return model, meta
 
 
-__all__ = ["QUANT_TABLE", "quant_targets", "quantize_model", "quant_cells", "set_quant_mode", "freeze_weights", "model_size_mb",
+__all__ = ["QUANT_TABLE", "quant_targets", "quantize_model", "quant_cells", "set_quant_mode", "freeze_weights", "evaluation_model", "model_size_mb",
            "layer_report", "check_calibrated", "save_quantized_checkpoint", "load_quantized_checkpoint", "read_quant_meta",
            "QuantDense", "QuantConv2d", "QuantMatMul"]
