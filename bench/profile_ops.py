@@ -13,7 +13,6 @@ Run it on an otherwise idle machine.
 import argparse
 import csv
 import glob
-import io
 import json
 import os
 import subprocess

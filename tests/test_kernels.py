@@ -1,6 +1,5 @@
 """Speed work of issue #12 that must not move any number: the fused CPU kernels (src/kernels)
 against the MindSpore chains they replace, bit for bit, and weights frozen at evaluation."""
-import io
 import os
 import subprocess
 import sys

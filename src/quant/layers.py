@@ -8,7 +8,7 @@ Whether a cell quantizes is set by `set_quant(weight, act)`, model-wide through
 `src.quant.convert.set_quant_mode`.
 """
 import numpy as np
-from mindspore import nn, ops, Parameter, Tensor
+from mindspore import nn, Parameter, Tensor
 
 from .. import kernels
 from ..models.vit import MatMul, dense, patch_conv
