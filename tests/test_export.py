@@ -291,6 +291,8 @@ def test_mindir_matches_quantized_cell(bits, tmp_path):
     assert meta["batch_size"] == 4 and meta["input_shape"] == [4, 1, 28, 28] and meta["num_classes"] == 10
     graph = nn.GraphCell(ms.load(path))
     close(graph(Tensor(x)).asnumpy(), ref)
+    with open(path, "rb") as f:  # MindSpore's own operations, not this machine's fused kernels (src/kernels)
+        assert b"vtptq_cpu_ops" not in f.read()
 
 
 def test_mindir_model_any_batch(tiny_w8, tmp_path):

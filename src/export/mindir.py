@@ -82,9 +82,11 @@ def _export_into(model, shape, add_user_info, tmp_dir, path):
     import mindspore as ms
     base = os.path.basename(path)
     stem = base[:-len(".mindir")]
+    from ..kernels import unfused
     model.set_train(False)
-    ms.export(model, ms.Tensor(np.zeros(shape, np.float32)), file_name=os.path.join(tmp_dir, stem),
-              file_format="MINDIR", custom_func=add_user_info)
+    with unfused(model):  # MindSpore's own operations: the file must not need this machine's fused kernels
+        ms.export(model, ms.Tensor(np.zeros(shape, np.float32)), file_name=os.path.join(tmp_dir, stem),
+                  file_format="MINDIR", custom_func=add_user_info)
     together = os.path.join(tmp_dir, base)
     split_graph = os.path.join(tmp_dir, f"{stem}_graph.mindir")
     variables = os.path.join(tmp_dir, f"{stem}_variables")

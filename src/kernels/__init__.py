@@ -14,6 +14,7 @@ compiler, the device target is not CPU, or `VTPTQ_CPU_KERNELS=0`, `fake_quant_op
 `gelu_op()` return None and the callers use the MindSpore chains (same values, slower). The
 decision is made when a layer is built: build models after `setup_context`.
 """
+import contextlib
 import functools
 import hashlib
 import os
@@ -93,6 +94,27 @@ def library_path():
               file=sys.stderr)
         return None
     return path
+
+
+FUSED_ATTRS = ("fq_op", "fused", "heads_t")  # cell attributes that hold a fused kernel (or None)
+
+
+@contextlib.contextmanager
+def unfused(model):
+    """Within the block, every cell of `model` uses MindSpore's own operations instead of the
+    fused kernels (same values): for a MindIR export, which must not need this machine's
+    library. Python attributes, read when a graph is compiled."""
+    saved = []
+    for _, cell in model.cells_and_names():
+        for attr in FUSED_ATTRS:
+            if getattr(cell, attr, None) is not None:
+                saved.append((cell, attr, getattr(cell, attr)))
+                setattr(cell, attr, None)
+    try:
+        yield model
+    finally:
+        for cell, attr, value in saved:
+            setattr(cell, attr, value)
 
 
 def enabled():
