@@ -102,6 +102,15 @@ def test_fused_heads_transposition():
     assert np.array_equal(op(Tensor(out), cfg).asnumpy(), x)
 
 
+def test_fused_split_heads():
+    op, cfg = kernels.split_heads_op(), kernels.config()
+    x = np.random.default_rng(3).standard_normal((2, 197, 3, 6, 64)).astype(np.float32)
+    q, k, v = (t.asnumpy() for t in op(Tensor(x), cfg))
+    for i, t in enumerate((q, k, v)):
+        assert t.shape == (2, 6, 197, 64)
+        assert np.array_equal(t, x[:, :, i].transpose(0, 2, 1, 3))
+
+
 def _embedded_logits(freeze, env):
     """Quantized (W4A4 minmax, per-channel weights) embedded model logits in a subprocess with env."""
     code = f"""

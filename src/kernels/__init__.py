@@ -96,7 +96,7 @@ def library_path():
     return path
 
 
-FUSED_ATTRS = ("fq_op", "fused", "heads_t")  # cell attributes that hold a fused kernel (or None)
+FUSED_ATTRS = ("fq_op", "fused", "heads_t", "qkv_t")  # cell attributes that hold a fused kernel (or None)
 
 
 @contextlib.contextmanager
@@ -173,3 +173,18 @@ def permute0213_op():
     if not enabled():
         return None
     return _custom("Permute0213", lambda x, c: [x[0], x[2], x[1], x[3]])
+
+
+def split_heads_op():
+    """ops.Custom (x (A, B, 3, C, D), config) -> (q, k, v), each x[:, :, i] transposed to
+    (A, C, B, D), or None (see module doc)."""
+    if not enabled():
+        return None
+    from mindspore import ops
+
+    def shapes(x, c):
+        return tuple([x[0], x[3], x[1], x[4]] for _ in range(3))
+
+    def dtypes(x, c):
+        return (x, x, x)
+    return ops.Custom(f"{library_path()}:SplitHeads", out_shape=shapes, out_dtype=dtypes, func_type="aot")

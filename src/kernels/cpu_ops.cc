@@ -147,3 +147,28 @@ extern "C" int Permute0213(int nparam, void **params, int *ndims, int64_t **shap
   });
   return 0;
 }
+
+// (A, B, 3, C, D) -> three (A, C, B, D): the attention's Q, K and V from the qkv projection
+// (B tokens, C heads of D channels), split and transposed in one pass; pure data movement.
+// inputs: x (float32, 5-D), config (float32: threads); outputs: q, k, v (float32, 4-D).
+extern "C" int SplitHeads(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                          void *stream, void *extra) {
+  if (nparam != 5 || ndims[0] != 5 || shapes[0][2] != 3) return 1;
+  const float *x = static_cast<const float *>(params[0]);
+  const int threads = static_cast<int>(static_cast<const float *>(params[1])[0]);
+  float *out[3] = {static_cast<float *>(params[2]), static_cast<float *>(params[3]),
+                   static_cast<float *>(params[4])};
+  const int64_t a = shapes[0][0], b = shapes[0][1], c = shapes[0][3], d = shapes[0][4];
+  const int64_t rows = a * c * b;  // rows of d floats in each output, in output order
+  Parallel(3 * rows * d, threads, [=](int64_t lo, int64_t hi) {
+    for (int64_t row = lo / d; row * d < hi; ++row) {
+      const int64_t part = row / rows, r = row % rows;
+      const int64_t j = r % b, k = (r / b) % c, i = r / (b * c);
+      const float *src = x + (((i * b + j) * 3 + part) * c + k) * d;
+      float *dst = out[part] + r * d;
+      const int64_t start = std::max<int64_t>(lo - row * d, 0), stop = std::min<int64_t>(hi - row * d, d);
+      for (int64_t e = start; e < stop; ++e) dst[e] = src[e];
+    }
+  });
+  return 0;
+}

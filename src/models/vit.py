@@ -119,6 +119,7 @@ class Attention(nn.Cell):
         self.matmul2 = MatMul()
         self.proj = nn.Dense(dim, dim)
         self.heads_t = kernels.permute0213_op()  # fused CPU transposition of the heads (src/kernels), or None
+        self.qkv_t = kernels.split_heads_op()  # fused CPU split of Q, K, V with that transposition, or None
         self.heads_t_cfg = kernels.config()
 
     def swap_heads(self, x):
@@ -133,8 +134,11 @@ class Attention(nn.Cell):
         # split Q, K, V on the channel axis, then (b, n, heads, d) -> (b, heads, n, d): the same
         # values as indexing a (3, b, heads, n, d) transpose, without MindSpore's CPU StridedSlice
         # (about 33 ms per slice for DeiT-S at batch 32, a third of the forward pass)
-        q, k, v = ops.split(self.qkv(x), c, axis=-1)
-        q, k, v = (self.swap_heads(t.reshape(b, n, self.num_heads, self.head_dim)) for t in (q, k, v))
+        if self.qkv_t is not None:
+            q, k, v = self.qkv_t(self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim), self.heads_t_cfg)
+        else:
+            q, k, v = ops.split(self.qkv(x), c, axis=-1)
+            q, k, v = (self.swap_heads(t.reshape(b, n, self.num_heads, self.head_dim)) for t in (q, k, v))
         attn = self.matmul1(q, k) * self.scale
         attn = self.softmax(attn)
         x = self.matmul2(attn, v)
