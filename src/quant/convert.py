@@ -118,12 +118,12 @@ def set_quant_mode(model, mode):
         cell.set_quant(weight=on, act=on)
 
 
-def freeze_weights(model):
+def freeze_weights(model, already_quantized=False):
     """Quantize every quantized layer's weight once and skip its weight quantizer in the forward
     pass (QuantCellMixin.freeze_weight; the outputs are bit-identical). For evaluation, after the
-    intervals are final."""
+    intervals are final. already_quantized: the weights hold codes x interval (a loaded checkpoint)."""
     for _, cell in quant_cells(model):
-        cell.freeze_weight()
+        cell.freeze_weight(already_quantized)
 
 
 def evaluation_model(model, model_name):
@@ -370,7 +370,7 @@ def load_quantized_checkpoint(path, model_name=None):
         raise ValueError(f"{path}: quantized checkpoint does not fit model '{meta['model']}': "
                          f"missing {missing[:8]}, unexpected {unexpected[:8]}")
     set_quant_mode(model, "quantized")
-    freeze_weights(model)  # the weights are codes x interval already: no weight quantizer in the forward pass
+    freeze_weights(model, already_quantized=True)  # codes x interval already: no weight quantizer in the forward pass
     model.model_name = meta["model"]
     return model, meta
 

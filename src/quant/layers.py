@@ -96,14 +96,19 @@ class QuantCellMixin:
         self.weight_q = np.asarray(value, np.float32).reshape(self._fp_weight.shape)
         self._apply_bias()
 
-    def freeze_weight(self):
+    def freeze_weight(self, already_quantized=False):
         """Store the fake-quantized weight once (as weight_q, computed by the forward pass's own
         quantizer, so the values are those it would give) and skip the weight quantizer from now
         on: fake quantization is idempotent on its own grid, so the outputs stay bit-identical and
         an evaluation no longer re-quantizes constant weights in every forward pass. Turning the
-        weight quantizer off still restores the FP weight. Python attribute: set before a GRAPH
+        weight quantizer off still restores the FP weight. already_quantized: the weight parameter
+        holds codes x interval already (a loaded quantized checkpoint, which has no FP weight):
+        only the quantizer is skipped, and no copy is kept. Python attribute: set before a GRAPH
         compile."""
         if "w" not in self.operands or self.w_frozen:
+            return
+        if already_quantized:
+            self.w_frozen = True
             return
         q = self.w_q
         w = self.weight_q if self.weight_q is not None else (
