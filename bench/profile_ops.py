@@ -69,7 +69,7 @@ def op_kind(op_type, full_name):
         return "Custom: GELU (fused)"
     if "Quant" in full_name:
         return "Custom: fake quantizer (fused)"
-    return "Custom: heads transposition (fused)"
+    return "Custom: Q, K, V split, heads transposition (fused)"
 
 
 def make_checkpoint(model_name, path):
