@@ -36,7 +36,7 @@ import numpy as np  # noqa: E402
 import mindspore as ms  # noqa: E402
 
 from src.config import defaults  # noqa: E402
-from src.utils import atomic_write_json  # noqa: E402
+from src.utils import write_bench_json  # noqa: E402
 from src.export.onnx import export_onnx  # noqa: E402
 from src.models import create_model, get_data_config, list_models  # noqa: E402
 from src.models.registry import default_checkpoint  # noqa: E402
@@ -231,9 +231,7 @@ def main(argv=None):
               f"onnxruntime FP32 vs MindSpore FP: max |logit diff| {result['fp32_vs_ms_fp_max_abs_diff']:.3g}")
     print(f"load average at the end: {result['load_average']:.2f}")
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        atomic_write_json(args.json, result)
-        print(f"written to {args.json}")
+        write_bench_json(args.json, result)
     if tmp is not None:
         tmp.cleanup()
     return result

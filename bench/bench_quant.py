@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 import mindspore as ms  # noqa: E402
 
 from src.config import defaults  # noqa: E402
-from src.utils import atomic_write_json  # noqa: E402
+from src.utils import write_bench_json  # noqa: E402
 from src.data.build import load_calibration_images  # noqa: E402
 from src.data.fmnist import load_embedded, normalize  # noqa: E402
 from src.models import create_model, get_data_config, list_models  # noqa: E402
@@ -244,9 +244,7 @@ def main(argv=None):
         print()
     print(f"peak resident memory: {result['peak_rss_mb']:.0f} MB (ru_maxrss)")
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        atomic_write_json(args.json, result)
-        print(f"written to {args.json}")
+        write_bench_json(args.json, result)
     return result
 
 

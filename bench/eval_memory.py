@@ -111,10 +111,8 @@ def main(argv=None):
     print(f"\nquantized / FP peak memory = {ratio:.2f}x (target <= {TARGET_RATIO}x: "
           f"{'ok' if ratio <= TARGET_RATIO else 'ABOVE'}); load average at the end {result['load_average']:.2f}")
     if args.json:
-        from src.utils import atomic_write_json
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        atomic_write_json(args.json, result)
-        print(f"written to {args.json}")
+        from src.utils import write_bench_json
+        write_bench_json(args.json, result)
     return result
 
 

@@ -125,10 +125,8 @@ def main(argv=None):
     result["load_average"] = os.getloadavg()[0]
     print(f"\nload average at the end: {result['load_average']:.2f}")
     if args.json:
-        from src.utils import atomic_write_json
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        atomic_write_json(args.json, result)
-        print(f"written to {args.json}")
+        from src.utils import write_bench_json
+        write_bench_json(args.json, result)
     return result
 
 

@@ -67,6 +67,13 @@ def atomic_write_json(path, obj):
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def write_bench_json(path, obj):
+    """A benchmark's `--json FILE`: the folder made if needed, written atomically, announced."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write_json(path, obj)
+    print(f"written to {path}")
+
+
 def atomic_save_npz(path, **arrays):
     with _temp_file(path) as (fd, _):
         with os.fdopen(fd, "wb") as f:
