@@ -164,3 +164,28 @@ def test_frozen_weight_is_final():
 def test_kernels_switch_off(monkeypatch):
     monkeypatch.setenv("VTPTQ_CPU_KERNELS", "0")
     assert not kernels.enabled() and kernels.fake_quant_op() is None and kernels.gelu_op() is None
+
+
+def _library_path_in(env):
+    code = f"import sys; sys.path.insert(0, {ROOT!r}); from src import kernels; print(kernels.library_path())"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env})
+    assert p.returncode == 0, p.stderr
+    return p.stdout.strip(), p.stderr
+
+
+def test_kernel_cache_rebuilds_a_bad_file(tmp_path):
+    path, _ = _library_path_in({"VTPTQ_KERNEL_CACHE": str(tmp_path)})
+    assert os.path.dirname(path) == str(tmp_path) and os.path.isfile(path)
+    with open(path, "wb") as f:  # a truncated or foreign file where the library was
+        f.write(b"not a library")
+    again, _ = _library_path_in({"VTPTQ_KERNEL_CACHE": str(tmp_path)})
+    assert again == path and kernels._loads(path)
+    assert sorted(os.listdir(tmp_path)) == [os.path.basename(path)]  # no temporary left
+
+
+def test_no_compiler_means_no_kernels(tmp_path):
+    bare = tmp_path / "bin"
+    bare.mkdir()
+    os.symlink(sys.executable, bare / "python")
+    path, err = _library_path_in({"VTPTQ_KERNEL_CACHE": str(tmp_path / "cache"), "CXX": "", "PATH": str(bare)})
+    assert path == "None" and "no C++ compiler" in err

@@ -63,6 +63,22 @@ def _cpu_signature():
     return f"{platform.machine()} {flags}"
 
 
+SYMBOLS = ("FakeQuant", "Gelu", "Permute0213", "SplitHeads")
+
+
+def _loads(path):
+    """Whether `path` is a loadable library with every kernel (a truncated or foreign file in the
+    cache is rebuilt, not handed to MindSpore)."""
+    import ctypes
+    if not os.path.isfile(path):
+        return False
+    try:
+        lib = ctypes.CDLL(path)
+        return all(hasattr(lib, name) for name in SYMBOLS)
+    except OSError:
+        return False
+
+
 @functools.lru_cache(maxsize=None)
 def library_path():
     """Path of the compiled cpu_ops library, building it if needed; None if it cannot be built
@@ -75,7 +91,7 @@ def library_path():
         src = f.read()
     key = hashlib.sha1(src + " ".join([cxx] + FLAGS + [_cpu_signature()]).encode()).hexdigest()[:16]
     path = os.path.join(cache_dir(), f"vtptq_cpu_ops_{key}.so")
-    if os.path.exists(path):
+    if _loads(path):
         return path
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -83,6 +99,8 @@ def library_path():
         os.close(fd)
         try:
             subprocess.run([cxx, *FLAGS, "-o", tmp, SOURCE], check=True, capture_output=True, timeout=300)
+            if not _loads(tmp):
+                raise OSError(f"the library built from {SOURCE} lacks the kernels {', '.join(SYMBOLS)}")
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
