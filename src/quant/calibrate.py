@@ -191,11 +191,11 @@ class AlternatingSearch(Method):
         q = getattr(cell, f"{name}_q")
         return fake_quant_np(x, scale, q.bits, q.signed)
 
-    def score(self, cell, problem, which, name, candidates, a_hat, b_hat_right, extra):
+    def score(self, cell, problem, which, name, candidates, a_hat, b_hat_right, extra, memo=None):
         """Mean objective of each candidate interval of operand `which` (see score_candidates)."""
         q = getattr(cell, f"{name}_q")
         return score_candidates(problem, which, candidates, a_hat, b_hat_right, q.bits, q.signed, self.objective,
-                                extra)
+                                extra, memo=memo)
 
     def calibrate(self, cell, problem):
         q = self.qcfg
@@ -210,11 +210,14 @@ class AlternatingSearch(Method):
         start = evaluate_pair(problem, a_hat, b_hat, self.objective, extra)
         best = (start, sa, sb, problem.bias)
         history = [start]
+        memo = {}  # a search repeated at the same interval of the other operand reuses its work (search.py)
         for _ in range(self.rounds()):
-            scores = self.score(cell, problem, "b", b_name, cand_b, a_hat, None, extra)
+            slot = memo.setdefault(("b", np.asarray(sa).tobytes()), {})
+            scores = self.score(cell, problem, "b", b_name, cand_b, a_hat, None, extra, memo=slot)
             sb = cand_b[int(np.argmax(scores))]
             b_hat = self.quantize(cell, b_name, problem.b_right, problem.right_scale(sb))
-            scores = self.score(cell, problem, "a", a_name, cand_a, None, b_hat, extra)
+            slot = memo.setdefault(("a", np.asarray(sb).tobytes()), {})
+            scores = self.score(cell, problem, "a", a_name, cand_a, None, b_hat, extra, memo=slot)
             sa = cand_a[int(np.argmax(scores))]
             a_hat = self.quantize(cell, a_name, problem.a, sa)
             value = float(scores.max())
