@@ -3,8 +3,9 @@ order, in PYNATIVE mode. For each quantized layer it captures, with forward hook
 full-precision output of the FP network (the target) and the layer's input as it arrives
 through the already-quantized layers before it (`calib_input: quantized`) or through the FP
 network (`calib_input: fp`), then hands them to the method, which sets the intervals.
-Only one stage's activations (and one layer's captures) are held at a time, so the memory
-is bounded by the largest layer, not by the network.
+Only one stage's activations (and one layer's captures, or the FP outputs of a stage's layers
+up to FP_CAPTURE_BYTES) are held at a time, so the memory is bounded by the largest layer, not
+by the network.
 """
 import contextlib
 import sys
@@ -261,6 +262,28 @@ def get_method(qcfg):
     return METHODS[qcfg["method"]](qcfg)
 
 
+FP_CAPTURE_BYTES = 1 << 30  # FP outputs of a stage's layers captured together in one pass up to this size
+
+
+def fp_targets(fn, x_fp, batch, stage_cells):
+    """FP outputs of the leading cells of a stage whose outputs fit FP_CAPTURE_BYTES together,
+    captured in one pass of the FP stage instead of one pass per layer (the same forward
+    computation, so the same values). A one-image pass measures the output sizes first.
+    Quantization must be off. Returns {cell: output}; the other cells are captured per layer."""
+    if len(stage_cells) < 2 or not len(x_fp):
+        return {}
+    _, probe = run_stage(fn, x_fp[:1], 1, {c: "out" for c in stage_cells})
+    keep, total = [], 0
+    for c in stage_cells:
+        total += probe[c].nbytes * len(x_fp)
+        if total > FP_CAPTURE_BYTES:
+            break
+        keep.append(c)
+    if len(keep) < 2:
+        return {}
+    return run_stage(fn, x_fp, batch, {c: "out" for c in keep})[1]
+
+
 def calibrate_stage(method, cells, fn, names, x_fp, x_q, batch, log=None, start=None):
     """Calibrate the layers `names` of one stage in order. x_fp: the stage's FP input; x_q: the
     input through the quantized earlier stages (x_fp itself for FP inputs). The target of each
@@ -268,11 +291,16 @@ def calibrate_stage(method, cells, fn, names, x_fp, x_q, batch, log=None, start=
     stage calibrated before it. Leaves the stage's layers quantized. Returns {name: info}."""
     report = {}
     start = start or time.time()
+    _set_quant(cells, names, False)
+    targets = fp_targets(fn, x_fp, batch, [cells[n] for n in names])
     for k, name in enumerate(names):
         t0 = time.time()
         cell = cells[name]
         _set_quant(cells, names, False)
-        _, cap = run_stage(fn, x_fp, batch, {cell: "out"})
+        if cell in targets:
+            cap = {cell: targets.pop(cell)}
+        else:
+            _, cap = run_stage(fn, x_fp, batch, {cell: "out"})
         target = cap[cell]
         _set_quant(cells, names[:k], x_q is not x_fp)
         _, cap_in = run_stage(fn, x_q, batch, {cell: "in"})
