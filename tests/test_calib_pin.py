@@ -2,8 +2,8 @@
 tiny random ViT (with the ranking loss over sampled pairs and over all pairs, bias correction
 on, per-tensor and per-channel weights, default and tiny chunk sizes) equal, bit for bit, the
 ones pinned in calib_pin.json, which the code of commit fdfbc73 (before the speed work)
-produced. And the all-pairs ranking loss equals the reference formulation of that commit
-(ranking_loss_reference) to 1e-12 on random data with ties.
+produced. And the all-pairs ranking loss equals the formulation of that commit
+(vtptq.ranking_loss_reference) to 1e-12 on random data with ties.
 
 Regenerate the pin (only from the code whose results are the reference):
     ROOT=/path/to/reference/checkout python tests/test_calib_pin.py --write
@@ -85,6 +85,36 @@ def test_intervals_and_bias_corrections_match_pin(name):
     assert history.keys() == pin["objective"].keys()
     for layer, values in pin["objective"].items():  # the objective of each round, to 1e-12
         np.testing.assert_allclose(history[layer], values, rtol=0, atol=1e-12, err_msg=f"{name} {layer}")
+
+
+@pytest.mark.parametrize("t,heads,cands,n,tie_kind", [(17, 2, 5, 3, "columns"), (30, 1, 4, 2, "rows"),
+                                                     (9, 3, 2, 1, "all"), (64, 2, 3, 1, "none"), (2, 1, 1, 1, "none")])
+def test_all_pairs_ranking_loss_equals_reference(t, heads, cands, n, tie_kind):
+    """ranking_loss over all pairs (sorted columns, pairs at each offset) equals the formulation of
+    commit fdfbc73 (ranking_loss_reference: every ordered pair, a sign pass) to 1e-12, with ties
+    in the FP scores (hinge θ) and in the quantized ones, and over several row blocks."""
+    rng = np.random.default_rng(t)
+    fp = rng.standard_normal((n, heads, t, t)).astype(np.float32)
+    if tie_kind == "columns":
+        fp[..., 3] = fp[..., 7]
+        fp[0, 0, 0, :] = 1.0
+    elif tie_kind == "rows":
+        fp = np.round(fp * 2) / 2  # many ties in every row
+    elif tie_kind == "all":
+        fp[:] = 0.5
+    q = (fp[None] + 0.3 * rng.standard_normal((cands,) + fp.shape)).astype(np.float32)
+    q[..., 1] = q[..., 0]
+    saved = vtptq.PAIR_BLOCK_ELEMS
+    try:
+        for block in (saved, 3 * t):  # one block, or a few rows per block
+            vtptq.PAIR_BLOCK_ELEMS = block
+            for theta in (0.2, 0.05, 1.0):
+                ref = vtptq.ranking_loss_reference(fp, q, theta=theta)
+                new = vtptq.ranking_loss(fp, q, theta=theta)
+                assert new.shape == ref.shape == (cands, n)
+                np.testing.assert_allclose(new, ref, rtol=0, atol=1e-12)
+    finally:
+        vtptq.PAIR_BLOCK_ELEMS = saved
 
 
 def write_pin():

@@ -18,6 +18,7 @@ from ..distributed import gather_samples
 from .calibrate import AlternatingSearch, register_method
 
 ROW_CHUNK_ELEMS = 1 << 22  # float32 pair differences held at once (16 MB; see search.CHUNK_ELEMS)
+PAIR_BLOCK_ELEMS = 1 << 18  # float32 pair differences per block of all pairs (1 MB, cache-sized)
 
 
 def ranking_loss(scores_fp, scores_q, theta=0.2, pairs=None):
@@ -25,9 +26,53 @@ def ranking_loss(scores_fp, scores_q, theta=0.2, pairs=None):
 
     scores_fp: (n, ..., T) FP scaled scores (rows on the last axis); scores_q: (c, n, ..., T)
     quantized scores (any leading candidate axes). pairs: None for all pairs i<j, or a tuple
-    of index arrays (i, j) of the column pairs to use. Returns float64 (c, n)."""
+    of index arrays (i, j) of the column pairs to use. Returns float64 (c, n).
+
+    Each hinge is computed in float32 as ranking_loss_reference computes it and summed in
+    float64; with all pairs the sums run in another order (equal to the reference to ~1e-15)."""
     if pairs is not None:
         return _ranking_loss_pairs(scores_fp, scores_q, theta, pairs)
+    t = scores_fp.shape[-1]
+    lead = scores_q.shape[:scores_q.ndim - scores_fp.ndim]
+    n = scores_fp.shape[0]
+    c = int(np.prod(lead, dtype=np.int64))
+    fp_rows = scores_fp.reshape(n, -1, t)
+    rows = fp_rows.shape[1]
+    # columns of each row sorted by decreasing FP score: the pairs at offset k, (p, p + k), then
+    # have sign +1 (0 for a tie), and their differences are two contiguous slices
+    order = np.argsort(-fp_rows, axis=-1, kind="stable")
+    a_sorted = np.take_along_axis(fp_rows, order, axis=-1)
+    q_rows = scores_q.reshape(c, n, rows, t)
+    total = np.zeros((c, n), np.float64)  # twice the sum of the hinges of the pairs i<j
+    step = max(1, PAIR_BLOCK_ELEMS // (c * t))  # rows per block: about PAIR_BLOCK_ELEMS differences
+    for s, r in ((s, r) for s in range(n) for r in range(0, rows, step)):
+        a = np.ascontiguousarray(a_sorted[s, r:r + step].T)  # (T, rows of the block)
+        tied = bool(np.any(a[1:] == a[:-1]))
+        q = np.take_along_axis(q_rows[:, s, r:r + step], order[None, s, r:r + step], axis=-1)
+        q = np.ascontiguousarray(q.transpose(2, 0, 1)).reshape(t, -1)  # (T, c·rows): contiguous slices
+        buf = np.empty((2,) + q.shape, np.float32)
+        acc = np.zeros(q.shape[1], np.float64)
+        for k in range(1, t):
+            d, mag = buf[0, :t - k], buf[1, :t - k]
+            np.subtract(q[:t - k], q[k:], out=d)  # fl(Â_hi - Â_lo) of the pairs (p, p + k)
+            if tied:  # a tie: difference 0, hinge θ
+                d.reshape(t - k, c, -1)[...] *= (a[:t - k] != a[k:])[:, None, :]
+            np.subtract(theta, d, out=d)
+            np.abs(d, out=mag)
+            d += mag  # x + |x| = 2·max(0, x) exactly in float32, and faster than np.maximum
+            acc += d.sum(axis=0, dtype=np.float64)
+        total[:, s] += acc.reshape(c, -1).sum(axis=1)
+    # the reference sums every ordered pair, the diagonal (hinge float32(θ)) included, and then
+    # removes the diagonal as rows·T·θ in float64: the same here
+    theta32 = float(np.float32(theta))
+    total = (total + rows * t * theta32 - rows * t * theta) / 2.0
+    return (total / (rows * t * (t - 1) // 2)).reshape(lead + (n,))
+
+
+def ranking_loss_reference(scores_fp, scores_q, theta=0.2):
+    """ranking_loss over all pairs as commit fdfbc73 computed it (every ordered pair, with a sign
+    pass), kept as the reference of the tests and of bench/ranking_cost.py. Arguments and result
+    as ranking_loss's."""
     t = scores_fp.shape[-1]
     lead = scores_q.shape[:scores_q.ndim - scores_fp.ndim]
     n = scores_fp.shape[0]
