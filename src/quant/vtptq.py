@@ -28,8 +28,9 @@ def ranking_loss(scores_fp, scores_q, theta=0.2, pairs=None):
     quantized scores (any leading candidate axes). pairs: None for all pairs i<j, or a tuple
     of index arrays (i, j) of the column pairs to use. Returns float64 (c, n).
 
-    Each hinge is computed in float32 as ranking_loss_reference computes it and summed in
-    float64; with all pairs the sums run in another order (equal to the reference to ~1e-15)."""
+    Each hinge is computed in the dtype of scores_q (float32 in the search) as
+    ranking_loss_reference computes it and summed in float64; with all pairs the sums run in
+    another order (equal to the reference to ~1e-15)."""
     if pairs is not None:
         return _ranking_loss_pairs(scores_fp, scores_q, theta, pairs)
     t = scores_fp.shape[-1]
@@ -50,7 +51,7 @@ def ranking_loss(scores_fp, scores_q, theta=0.2, pairs=None):
         tied = bool(np.any(a[1:] == a[:-1]))
         q = np.take_along_axis(q_rows[:, s, r:r + step], order[None, s, r:r + step], axis=-1)
         q = np.ascontiguousarray(q.transpose(2, 0, 1)).reshape(t, -1)  # (T, c·rows): contiguous slices
-        buf = np.empty((2,) + q.shape, np.float32)
+        buf = np.empty((2,) + q.shape, q.dtype)
         acc = np.zeros(q.shape[1], np.float64)
         for k in range(1, t):
             d, mag = buf[0, :t - k], buf[1, :t - k]
@@ -59,13 +60,13 @@ def ranking_loss(scores_fp, scores_q, theta=0.2, pairs=None):
                 d.reshape(t - k, c, -1)[...] *= (a[:t - k] != a[k:])[:, None, :]
             np.subtract(theta, d, out=d)
             np.abs(d, out=mag)
-            d += mag  # x + |x| = 2·max(0, x) exactly in float32, and faster than np.maximum
+            d += mag  # x + |x| = 2·max(0, x) exactly, and faster than np.maximum
             acc += d.sum(axis=0, dtype=np.float64)
         total[:, s] += acc.reshape(c, -1).sum(axis=1)
     # the reference sums every ordered pair, the diagonal (hinge float32(θ)) included, and then
     # removes the diagonal as rows·T·θ in float64: the same here
-    theta32 = float(np.float32(theta))
-    total = (total + rows * t * theta32 - rows * t * theta) / 2.0
+    theta_q = float(np.asarray(theta, q_rows.dtype))  # θ in the dtype of the hinges (float32: not 0.2)
+    total = (total + rows * t * theta_q - rows * t * theta) / 2.0
     return (total / (rows * t * (t - 1) // 2)).reshape(lead + (n,))
 
 
