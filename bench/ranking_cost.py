@@ -3,7 +3,8 @@
 The interval search of `attn.matmul1` scores candidates in chunks; for DeiT-S (6 heads, 197
 tokens) with the default 8M-element chunks one call of ranking_loss sees 36 candidates of
 one calibration image. This times one such call with `--pairs` sampled pairs per row and
-with all T(T-1)/2 = 19,306 pairs, in one process, and prints both and their ratio. A search
+with all T(T-1)/2 = 19,306 pairs (and the all-pairs formulation of commit fdfbc73), in one
+process, and prints them and their ratios. A search
 of one operand over 100 candidates and 32 images makes 3 x 32 = 96 such calls.
 
     python bench/ranking_cost.py                 # 256 sampled pairs vs all pairs
@@ -18,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from src.quant.vtptq import ranking_loss, sample_pairs  # noqa: E402
+from src.quant.vtptq import ranking_loss, ranking_loss_reference, sample_pairs  # noqa: E402
 
 
 def timed(fn, repeats):
@@ -49,7 +50,11 @@ def main(argv=None):
     s = timed(lambda: ranking_loss(fp, q, pairs=sampled), args.repeats)
     print(f"  {len(sampled[0])} sampled pairs per row: {s:.3f} s per call", flush=True)
     a = timed(lambda: ranking_loss(fp, q), args.repeats)
-    print(f"  all {all_pairs} pairs per row:   {a:.3f} s per call")
+    print(f"  all {all_pairs} pairs per row:   {a:.3f} s per call", flush=True)
+    r = timed(lambda: ranking_loss_reference(fp, q), args.repeats)
+    diff = float(np.abs(ranking_loss(fp, q) - ranking_loss_reference(fp, q)).max())
+    print(f"  all pairs, the fdfbc73 formulation (ranking_loss_reference): {r:.3f} s per call "
+          f"({r / a:.1f}x the current one; largest difference {diff:.1e})")
     print(f"  all pairs / sampled: {a / s:.1f}x; per operand search (96 calls): {96 * s:.1f} s vs {96 * a:.1f} s")
 
 
