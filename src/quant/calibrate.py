@@ -211,13 +211,14 @@ class AlternatingSearch(Method):
         start = evaluate_pair(problem, a_hat, b_hat, self.objective, extra)
         best = (start, sa, sb, problem.bias)
         history = [start]
-        memo = {}  # a search repeated at the same interval of the other operand reuses its work (search.py)
+        memo, layer = {}, {}  # a search repeated at the same interval of the other operand reuses its work,
+        # and the searches of the layer share what depends on neither interval (search.py)
         for _ in range(self.rounds()):
-            slot = memo.setdefault(("b", np.asarray(sa).tobytes()), {})
+            slot = memo.setdefault(("b", np.asarray(sa).tobytes()), {"layer": layer})
             scores = self.score(cell, problem, "b", b_name, cand_b, a_hat, None, extra, memo=slot)
             sb = cand_b[int(np.argmax(scores))]
             b_hat = self.quantize(cell, b_name, problem.b_right, problem.right_scale(sb))
-            slot = memo.setdefault(("a", np.asarray(sb).tobytes()), {})
+            slot = memo.setdefault(("a", np.asarray(sb).tobytes()), {"layer": layer})
             scores = self.score(cell, problem, "a", a_name, cand_a, None, b_hat, extra, memo=slot)
             sa = cand_a[int(np.argmax(scores))]
             a_hat = self.quantize(cell, a_name, problem.a, sa)

@@ -21,6 +21,7 @@ CHUNK_ELEMS = 1 << 22  # float32 elements of candidate outputs held at once (16 
 
 
 X_SUM_KEEP_BYTES = 256 << 20  # the most float64 input sums an input search keeps for a repeated search
+GRAM_KEEP_BYTES = 2 << 30  # the most float64 weight Gram matrices (ŴᵀŴ per candidate) a layer's searches share
 
 
 def keep_heap_memory():
@@ -252,7 +253,8 @@ def _score_dense_moments(problem, which, candidates, a_hat, b_hat_right, bits, s
 
     memo (see score_candidates): the bias-free terms <Ŵ, t'ᵀ x̂>, (Σ_t x̂)·(Σ_o Ŵ_o), <ŴᵀŴ, x̂ᵀ x̂>
     and Σ_t x̂ per chunk are kept; a repeated search recomputes only the bias terms, with the
-    same operations on the same arrays."""
+    same operations on the same arrays. memo["layer"], when present, is shared by the memos of
+    one layer: weight searches at different input intervals reuse the candidates' ŴᵀŴ there."""
     a, tgt = problem.a, problem.target
     n_tok, k = a.shape[-2], a.shape[-1]
     n = problem.n
@@ -285,6 +287,12 @@ def _score_dense_moments(problem, which, candidates, a_hat, b_hat_right, bits, s
             gram_x = np.matmul(xt, x).reshape(n, -1)                    # (n, K·K)
             cross_x = np.matmul(np.swapaxes(t, 1, 2), x).reshape(n, -1)  # (n, O·K)
             gram_w = np.empty((min(16, len(candidates)), k, k), np.float64)  # reused: up to 16 x K² x 8 bytes
+        # ŴᵀŴ of every candidate depends on neither operand's other interval nor the bias: the
+        # searches of one layer share them when they fit GRAM_KEEP_BYTES
+        layer = None if memo is None else memo.get("layer")
+        grams = None
+        if layer is not None and len(candidates) * k * k * 8 <= GRAM_KEEP_BYTES:
+            grams = layer.setdefault(("gram_w", candidates.tobytes(), bits, signed), {})
         per_sample = np.zeros((len(candidates), n), np.float64)
         for c0 in range(0, len(candidates), 16):
             cs = candidates[c0:c0 + 16]
@@ -294,7 +302,12 @@ def _score_dense_moments(problem, which, candidates, a_hat, b_hat_right, bits, s
             else:
                 wx = w.reshape(len(cs), -1) @ cross_x.T
                 wsx = w.sum(axis=1) @ x_sum.T
-                g = np.matmul(np.swapaxes(w, 1, 2), w, out=gram_w[:len(cs)])
+                g = None if grams is None else grams.get(c0)
+                if g is None:
+                    out = gram_w[:len(cs)] if grams is None else np.empty((len(cs), k, k), np.float64)
+                    g = np.matmul(np.swapaxes(w, 1, 2), w, out=out)
+                    if grams is not None:
+                        grams[c0] = g
                 gx = g.reshape(len(cs), -1) @ gram_x.T
                 parts[c0] = wx, wsx, gx
             cross = wx + t_bias                        # (c, n)
