@@ -91,8 +91,10 @@ def test_intervals_and_bias_corrections_match_pin(name):
                                                      (9, 3, 2, 1, "all"), (64, 2, 3, 1, "none"), (2, 1, 1, 1, "none")])
 def test_all_pairs_ranking_loss_equals_reference(t, heads, cands, n, tie_kind):
     """ranking_loss over all pairs (sorted columns, pairs at each offset) equals the formulation of
-    commit fdfbc73 (ranking_loss_reference: every ordered pair, a sign pass) to 1e-12, with ties
-    in the FP scores (hinge θ) and in the quantized ones, and over several row blocks."""
+    commit fdfbc73 (ranking_loss_reference: every ordered pair, a sign pass) to 1e-12, and
+    ranking_loss_all_pairs (the search's loss with ranking_pairs: 0) equals that commit's
+    sampled-pairs path given every pair, to 1e-12; with ties in the FP scores (hinge θ) and in
+    the quantized ones, and over several row blocks."""
     rng = np.random.default_rng(t)
     fp = rng.standard_normal((n, heads, t, t)).astype(np.float32)
     if tie_kind == "columns":
@@ -115,6 +117,13 @@ def test_all_pairs_ranking_loss_equals_reference(t, heads, cands, n, tie_kind):
                 new = vtptq.ranking_loss(fp, q, theta=theta)
                 assert new.shape == ref.shape == (cands, n)
                 np.testing.assert_allclose(new, ref, rtol=0, atol=1e-12)
+                # what the search uses with ranking_pairs: 0, against the sampled-pairs path given
+                # every pair (what it used before): the same hinges, summed in another order
+                pairs_path = vtptq.ranking_loss(fp, q, theta=theta, pairs=vtptq.sample_pairs(t, 0))
+                all_pairs = vtptq.ranking_loss_all_pairs(fp, q, theta=theta)
+                np.testing.assert_allclose(all_pairs, pairs_path, rtol=0, atol=1e-12)
+                if fp.dtype == np.float32 and theta != 1.0:  # float32(θ) != θ: the reference differs
+                    assert np.abs(pairs_path - ref).max() > 1e-12
     finally:
         vtptq.PAIR_BLOCK_ELEMS = saved
 

@@ -28,24 +28,35 @@ def ranking_loss(scores_fp, scores_q, theta=0.2, pairs=None):
     quantized scores (any leading candidate axes). pairs: None for all pairs i<j, or a tuple
     of index arrays (i, j) of the column pairs to use. Returns float64 (c, n).
 
-    Each hinge is computed in the dtype of scores_q (float32 in the search) as
-    ranking_loss_reference computes it and summed in float64; with all pairs the sums run in
-    another order (equal to the reference to ~1e-15)."""
+    Each hinge is computed in the dtype of scores_q (float32 in the search) and summed in
+    float64. With pairs=None the result is that of ranking_loss_reference (to ~1e-15, the sums
+    run in another order), which removes the diagonal as T·θ where it summed T hinges
+    float32(θ): it exceeds the mean over the pairs i<j by (float32(θ) - θ) / (T - 1)."""
     if pairs is not None:
         return _ranking_loss_pairs(scores_fp, scores_q, theta, pairs)
+    t = scores_fp.shape[-1]
+    theta_q = float(np.asarray(theta, scores_q.dtype))  # θ in the dtype of the hinges (float32: not 0.2)
+    return ranking_loss_all_pairs(scores_fp, scores_q, theta) + (theta_q - theta) / max(t - 1, 1)
+
+
+def ranking_loss_all_pairs(scores_fp, scores_q, theta=0.2):
+    """Mean hinge over all column pairs i<j: ranking_loss(pairs=sample_pairs(T, 0)) (the hinges
+    computed the same way, summed in float64 in another order), O(T²) per row without gathers.
+
+    The columns of each row are sorted by decreasing FP score: the pairs at offset k, (p, p + k),
+    then have sign +1 (0 for a tie), and their differences are two contiguous slices. Rows are
+    laid out on the inner axis (T, c·rows), in blocks of about PAIR_BLOCK_ELEMS differences."""
     t = scores_fp.shape[-1]
     lead = scores_q.shape[:scores_q.ndim - scores_fp.ndim]
     n = scores_fp.shape[0]
     c = int(np.prod(lead, dtype=np.int64))
     fp_rows = scores_fp.reshape(n, -1, t)
     rows = fp_rows.shape[1]
-    # columns of each row sorted by decreasing FP score: the pairs at offset k, (p, p + k), then
-    # have sign +1 (0 for a tie), and their differences are two contiguous slices
     order = np.argsort(-fp_rows, axis=-1, kind="stable")
     a_sorted = np.take_along_axis(fp_rows, order, axis=-1)
     q_rows = scores_q.reshape(c, n, rows, t)
-    total = np.zeros((c, n), np.float64)  # twice the sum of the hinges of the pairs i<j
-    step = max(1, PAIR_BLOCK_ELEMS // (c * t))  # rows per block: about PAIR_BLOCK_ELEMS differences
+    total = np.zeros((c, n), np.float64)  # twice the sum of the hinges
+    step = max(1, PAIR_BLOCK_ELEMS // (c * t))  # rows per block
     for s, r in ((s, r) for s in range(n) for r in range(0, rows, step)):
         a = np.ascontiguousarray(a_sorted[s, r:r + step].T)  # (T, rows of the block)
         tied = bool(np.any(a[1:] == a[:-1]))
@@ -63,11 +74,7 @@ def ranking_loss(scores_fp, scores_q, theta=0.2, pairs=None):
             d += mag  # x + |x| = 2·max(0, x) exactly, and faster than np.maximum
             acc += d.sum(axis=0, dtype=np.float64)
         total[:, s] += acc.reshape(c, -1).sum(axis=1)
-    # the reference sums every ordered pair, the diagonal (hinge float32(θ)) included, and then
-    # removes the diagonal as rows·T·θ in float64: the same here
-    theta_q = float(np.asarray(theta, q_rows.dtype))  # θ in the dtype of the hinges (float32: not 0.2)
-    total = (total + rows * t * theta_q - rows * t * theta) / 2.0
-    return (total / (rows * t * (t - 1) // 2)).reshape(lead + (n,))
+    return (total / (rows * t * (t - 1))).reshape(lead + (n,))
 
 
 def ranking_loss_reference(scores_fp, scores_q, theta=0.2):
@@ -176,6 +183,11 @@ class VTPTQ(AlternatingSearch):
         t = problem.target.shape[-1]
         pairs = sample_pairs(t, q.get("ranking_pairs", 0), seed=q.get("calib_seed", 0))
         theta, gamma = q["ranking_theta"], q["ranking_gamma"]
+        if len(pairs[0]) == t * (t - 1) // 2:  # all pairs: the same hinges, summed without gathers
+
+            def loss(out, sl):
+                return gamma * ranking_loss_all_pairs(problem.target[sl] * scale, out * scale, theta=theta)
+            return loss
 
         def loss(out, sl):
             return gamma * ranking_loss(problem.target[sl] * scale, out * scale, theta=theta, pairs=pairs)
