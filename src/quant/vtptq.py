@@ -18,22 +18,24 @@ from ..distributed import gather_samples
 from .calibrate import AlternatingSearch, register_method
 
 ROW_CHUNK_ELEMS = 1 << 22  # float32 pair differences held at once (16 MB; see search.CHUNK_ELEMS)
+PAIR_INDEX_KEEP_BYTES = 256 << 20  # pair indices of the sampled pairs kept per layer search (see pair_index)
 PAIR_BLOCK_ELEMS = 1 << 18  # float32 pair differences per block of all pairs (1 MB, cache-sized)
 
 
-def ranking_loss(scores_fp, scores_q, theta=0.2, pairs=None):
+def ranking_loss(scores_fp, scores_q, theta=0.2, pairs=None, index=None):
     """Mean pairwise hinge loss per sample.
 
     scores_fp: (n, ..., T) FP scaled scores (rows on the last axis); scores_q: (c, n, ..., T)
     quantized scores (any leading candidate axes). pairs: None for all pairs i<j, or a tuple
-    of index arrays (i, j) of the column pairs to use. Returns float64 (c, n).
+    of index arrays (i, j) of the column pairs to use; index: their pair_index(scores_fp, pairs)
+    if known. Returns float64 (c, n).
 
     Each hinge is computed in the dtype of scores_q (float32 in the search) and summed in
     float64. With pairs=None the result is that of ranking_loss_reference (to ~1e-15, the sums
     run in another order), which removes the diagonal as T·θ where it summed T hinges
     float32(θ): it exceeds the mean over the pairs i<j by (float32(θ) - θ) / (T - 1)."""
     if pairs is not None:
-        return _ranking_loss_pairs(scores_fp, scores_q, theta, pairs)
+        return _ranking_loss_pairs(scores_fp, scores_q, theta, pairs, index)
     t = scores_fp.shape[-1]
     theta_q = float(np.asarray(theta, scores_q.dtype))  # θ in the dtype of the hinges (float32: not 0.2)
     return ranking_loss_all_pairs(scores_fp, scores_q, theta) + (theta_q - theta) / max(t - 1, 1)
@@ -102,13 +104,11 @@ def ranking_loss_reference(scores_fp, scores_q, theta=0.2):
     return total / (rows * t * (t - 1) // 2)
 
 
-def _ranking_loss_pairs(scores_fp, scores_q, theta, pairs):
-    """ranking_loss over the given column pairs. Each pair is oriented per row so that its
-    first index has the larger FP score (sign +1), and a tie points both indices at the same
-    column (hinge max(0, θ - 0) = θ, as sign 0 gives); the hinge then needs two gathers from
-    the flat quantized scores and no sign pass."""
+def pair_index(scores_fp, pairs):
+    """Flat indices (hi, lo) into the (n, rows, T) scores of the two columns of every given pair
+    in every row, oriented so that hi has the larger FP score (a tie: lo = hi); (n·rows·P,) each.
+    They depend only on the FP scores: the search computes them once per sample chunk."""
     t = scores_fp.shape[-1]
-    lead = scores_q.shape[:scores_q.ndim - scores_fp.ndim]
     n = scores_fp.shape[0]
     fp_rows = scores_fp.reshape(n, -1, t)
     rows = fp_rows.shape[1]
@@ -119,11 +119,23 @@ def _ranking_loss_pairs(scores_fp, scores_q, theta, pairs):
     tie = a_i == a_j
     lo[tie] = hi[tie]
     base = (np.arange(n * rows, dtype=np.int64) * t).reshape(n, rows, 1)
-    hi, lo = (hi + base).ravel(), (lo + base).ravel()
+    return (hi + base).ravel(), (lo + base).ravel()
+
+
+def _ranking_loss_pairs(scores_fp, scores_q, theta, pairs, index=None):
+    """ranking_loss over the given column pairs. Each pair is oriented per row so that its
+    first index has the larger FP score (sign +1), and a tie points both indices at the same
+    column (hinge max(0, θ - 0) = θ, as sign 0 gives); the hinge then needs two gathers from
+    the flat quantized scores and no sign pass. index: pair_index(scores_fp, pairs), if known."""
+    t = scores_fp.shape[-1]
+    lead = scores_q.shape[:scores_q.ndim - scores_fp.ndim]
+    n = scores_fp.shape[0]
+    rows = int(np.prod(scores_fp.shape[1:-1], dtype=np.int64))
+    hi, lo = pair_index(scores_fp, pairs) if index is None else index
     c = int(np.prod(lead, dtype=np.int64))
     q = scores_q.reshape(c, n * rows * t)
     total = np.zeros((c, n), np.float64)
-    per_sample = rows * len(ii)
+    per_sample = rows * len(pairs[0])
     step = max(1, ROW_CHUNK_ELEMS // max(1, c * per_sample))  # samples per chunk
     for s0 in range(0, n, step):
         sel = slice(s0 * per_sample, min(n, s0 + step) * per_sample)
@@ -189,8 +201,17 @@ class VTPTQ(AlternatingSearch):
                 return gamma * ranking_loss_all_pairs(problem.target[sl] * scale, out * scale, theta=theta)
             return loss
 
+        indices, kept = {}, [0]  # pair_index per sample chunk, kept up to PAIR_INDEX_KEEP_BYTES
+
         def loss(out, sl):
-            return gamma * ranking_loss(problem.target[sl] * scale, out * scale, theta=theta, pairs=pairs)
+            fp = problem.target[sl] * scale
+            index = indices.get((sl.start, sl.stop))
+            if index is None:
+                index = pair_index(fp, pairs)
+                if kept[0] + 2 * index[0].nbytes <= PAIR_INDEX_KEEP_BYTES:
+                    indices[sl.start, sl.stop] = index
+                    kept[0] += 2 * index[0].nbytes
+            return gamma * ranking_loss(fp, out * scale, theta=theta, pairs=pairs, index=index)
         return loss
 
     def after_round(self, cell, problem, a_hat, b_hat_right):
