@@ -46,10 +46,15 @@ def batch_bounds(n, batch_size, offset=0):
     return [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
 
 
-def run_stage(fn, x, batch_size, capture=None):
+class _Captured(Exception):
+    """Raised by a capture hook to end a forward pass whose output is not needed."""
+
+
+def run_stage(fn, x, batch_size, capture=None, stop=False):
     """Apply a stage to numpy x in batches. capture: {cell: 'in' | 'out'} -> captured numpy
     arrays (a tuple of inputs, or the output) concatenated over batches. Under a sharded
-    calibration x is this rank's shard, batched as in one process (batch_bounds)."""
+    calibration x is this rank's shard, batched as in one process (batch_bounds). stop: one
+    captured cell, whose hook ends each forward pass (the stage output is then None)."""
     capture = capture or {}
     store = {cell: [] for cell in capture}
     handles = []
@@ -59,12 +64,17 @@ def run_stage(fn, x, batch_size, capture=None):
                 store[_cell].append(tuple(t.asnumpy() for t in inputs))
             else:
                 store[_cell].append(output.asnumpy())
+            if stop:
+                raise _Captured
         handles.append(cell.register_forward_hook(hook))
     outs = []
     try:
         for i, j in batch_bounds(len(x), batch_size, calibration_offset()):
             check_interrupted()
-            outs.append(fn(Tensor(x[i:j])).asnumpy())
+            try:
+                outs.append(fn(Tensor(x[i:j])).asnumpy())
+            except _Captured:
+                pass
     finally:
         for h in handles:
             h.remove()
@@ -74,7 +84,7 @@ def run_stage(fn, x, batch_size, capture=None):
             captured[cell] = tuple(np.concatenate([c[k] for c in chunks]) for k in range(len(chunks[0])))
         else:
             captured[cell] = np.concatenate(chunks)
-    return np.concatenate(outs), captured
+    return (None if stop else np.concatenate(outs)), captured
 
 
 # ----------------------------------------------------------------------------- problems
@@ -270,9 +280,10 @@ def fp_targets(fn, x_fp, batch, stage_cells):
     """FP outputs of the leading cells of a stage whose outputs fit FP_CAPTURE_BYTES together,
     captured in one pass of the FP stage instead of one pass per layer (the same forward
     computation, so the same values). A one-image pass measures the output sizes first.
-    Quantization must be off. Returns {cell: output}; the other cells are captured per layer."""
+    Quantization must be off. Returns (the FP stage output, {cell: output}), or (None, {}) when
+    fewer than two fit; the other cells are captured per layer."""
     if len(stage_cells) < 2 or not len(x_fp):
-        return {}
+        return None, {}
     _, probe = run_stage(fn, x_fp[:1], 1, {c: "out" for c in stage_cells})
     keep, total = [], 0
     for c in stage_cells:
@@ -281,19 +292,22 @@ def fp_targets(fn, x_fp, batch, stage_cells):
             break
         keep.append(c)
     if len(keep) < 2:
-        return {}
-    return run_stage(fn, x_fp, batch, {c: "out" for c in keep})[1]
+        return None, {}
+    return run_stage(fn, x_fp, batch, {c: "out" for c in keep})
 
 
-def calibrate_stage(method, cells, fn, names, x_fp, x_q, batch, log=None, start=None):
+def calibrate_stage(method, cells, fn, names, x_fp, x_q, batch, log=None, start=None, fp_out=None):
     """Calibrate the layers `names` of one stage in order. x_fp: the stage's FP input; x_q: the
     input through the quantized earlier stages (x_fp itself for FP inputs). The target of each
     layer is its output in the FP stage; its input comes from x_q through the layers of this
-    stage calibrated before it. Leaves the stage's layers quantized. Returns {name: info}."""
+    stage calibrated before it. Leaves the stage's layers quantized. Returns {name: info}.
+    fp_out: a list, to which the FP stage output is appended when a pass computed it."""
     report = {}
     start = start or time.time()
     _set_quant(cells, names, False)
-    targets = fp_targets(fn, x_fp, batch, [cells[n] for n in names])
+    out, targets = fp_targets(fn, x_fp, batch, [cells[n] for n in names])
+    if out is not None and fp_out is not None:
+        fp_out.append(out)
     for k, name in enumerate(names):
         t0 = time.time()
         cell = cells[name]
@@ -304,7 +318,7 @@ def calibrate_stage(method, cells, fn, names, x_fp, x_q, batch, log=None, start=
             _, cap = run_stage(fn, x_fp, batch, {cell: "out"})
         target = cap[cell]
         _set_quant(cells, names[:k], x_q is not x_fp)
-        _, cap_in = run_stage(fn, x_q, batch, {cell: "in"})
+        _, cap_in = run_stage(fn, x_q, batch, {cell: "in"}, stop=True)  # the pass ends at the layer
         problem = build_problem(cell, cap_in[cell], target)
         del cap, cap_in, target
         sa, sb, info = method.calibrate(cell, problem)
@@ -354,10 +368,12 @@ def calibrate_model(model, images, qcfg, log=sys.stderr):
         for _, fn, names in model_stages(model):
             if hasattr(method, "before_stage"):  # e.g. vtptq_plus folds LayerNorm scales into the stage
                 method.before_stage(fn, x_fp, batch)
-            report.update(calibrate_stage(method, cells, fn, names, x_fp, x_q, batch, log, start))
-            # advance both paths to the next stage
+            fp_out = []  # the FP stage output, when calibrate_stage's pass of the FP targets made it
+            report.update(calibrate_stage(method, cells, fn, names, x_fp, x_q, batch, log, start, fp_out))
+            # advance both paths to the next stage (the FP stage is the same before and after
+            # calibration: bias corrections and learned weights apply only while quantizing)
             _set_quant(cells, names, False)
-            x_fp_next, _ = run_stage(fn, x_fp, batch)
+            x_fp_next = fp_out[0] if fp_out else run_stage(fn, x_fp, batch)[0]
             _set_quant(cells, names, True)
             x_q = x_fp_next if use_fp_input else run_stage(fn, x_q, batch)[0]
             x_fp = x_fp_next
