@@ -37,6 +37,7 @@ def main(argv=None):
     sys.path[:0] = [root, os.path.join(root, "bench")]
     os.environ.setdefault("GLOG_v", "3")
     import numpy as np
+    import mindspore as ms
     import bench_quant
     import src.quant.calibrate as calibrate
     from src.quant import quant_cells, quantize_model
@@ -47,6 +48,8 @@ def main(argv=None):
     bench_quant.RANKING_PAIRS = args.ranking_pairs
     images = bench_quant.calibration_images(args.model, args.calib_num)
     cfg = bench_quant.bench_cfg(args.model, args.method, len(images), args.bits)
+    ms.set_seed(0)  # the same random weights in every run (and checkout)
+    np.random.seed(0)
     model = bench_quant.build_fp(args.model)
     quantize_model(model, cfg)
     log = sys.stdout if args.verbose else io.StringIO()

@@ -53,8 +53,8 @@ class _Captured(Exception):
 def run_stage(fn, x, batch_size, capture=None, stop=False):
     """Apply a stage to numpy x in batches. capture: {cell: 'in' | 'out'} -> captured numpy
     arrays (a tuple of inputs, or the output) concatenated over batches. Under a sharded
-    calibration x is this rank's shard, batched as in one process (batch_bounds). stop: one
-    captured cell, whose hook ends each forward pass (the stage output is then None)."""
+    calibration x is this rank's shard, batched as in one process (batch_bounds). stop: a
+    capture hook ends each forward pass (for one captured cell; the stage output is then None)."""
     capture = capture or {}
     store = {cell: [] for cell in capture}
     handles = []

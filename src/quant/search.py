@@ -20,7 +20,7 @@ CHUNK_ELEMS = 1 << 22  # float32 elements of candidate outputs held at once (16 
 # reuse heap memory instead of being mapped, page-faulted and unmapped chunk after chunk
 
 
-X_SUM_KEEP_BYTES = 256 << 20  # the most float64 input sums an input search keeps for a repeated search
+X_SUM_KEEP_BYTES = 256 << 20  # the most float64 input sums Σ_t x̂ a layer's input searches share
 GRAM_KEEP_BYTES = 2 << 30  # the most float64 weight Gram matrices (ŴᵀŴ per candidate) a layer's searches share
 
 
@@ -329,29 +329,38 @@ def _score_dense_moments(problem, which, candidates, a_hat, b_hat_right, bits, s
     step_n = max(1, CHUNK_ELEMS // max(1, len(candidates) * sample_elems))
     cand_chunk = len(candidates) if step_n > 1 else max(1, CHUNK_ELEMS // sample_elems)
     per_sample = np.zeros((len(candidates), n), np.float64)
-    # Σ_t x̂ of every chunk is kept when it is small; else a repeated search requantizes x for it
-    keep_x_sum = memo is not None and len(candidates) * n * k * 8 <= X_SUM_KEEP_BYTES
+    # Σ_t x̂ per chunk depends only on the candidates: kept once per layer when it is small, else a
+    # repeated search fake-quantizes x again for it
+    layer = None if memo is None else memo.get("layer")
+    x_sums = None
+    if layer is not None and len(candidates) * n * k * 8 <= X_SUM_KEEP_BYTES:
+        x_sums = layer.setdefault(("x_sum", candidates.tobytes(), bits, signed, CHUNK_ELEMS), {})
     for c0 in range(0, len(candidates), cand_chunk):
         check_interrupted()
         cs = candidates[c0:c0 + cand_chunk]
         for i in range(0, n, step_n):
             sl = slice(i, min(n, i + step_n))
             if hit:
-                cross0, x_sum, s_o0, s_oo0 = parts[c0, i]
+                cross0, s_o0, s_oo0 = parts[c0, i]
+                x_sum = None if x_sums is None else x_sums.get((c0, i))
                 if x_sum is None:
                     xc = fake_quant_np(a[sl].reshape(-1, n_tok, k)[None], _expand_candidates(cs, 3), bits, signed)
                     x_sum = xc.sum(axis=2, dtype=np.float64)
             else:
                 xc = fake_quant_np(a[sl].reshape(-1, n_tok, k)[None], _expand_candidates(cs, 3), bits, signed)
                 cross0 = np.einsum("cntk,ntk->cn", xc, tw[sl]).astype(np.float64)
-                x_sum = xc.sum(axis=2, dtype=np.float64)                    # (c, n, K)
+                x_sum = None if x_sums is None else x_sums.get((c0, i))
+                if x_sum is None:
+                    x_sum = xc.sum(axis=2, dtype=np.float64)                    # (c, n, K)
                 s_o0 = x_sum @ w_sum
                 if widen:
                     s_oo0 = np.einsum("cntk,cntk->cn", xc @ gram_w, xc).astype(np.float64)
                 else:
                     out = xc @ np.ascontiguousarray(w.T)
                     s_oo0 = np.einsum("cnto,cnto->cn", out, out).astype(np.float64)
-                parts[c0, i] = cross0, x_sum if keep_x_sum else None, s_o0, s_oo0
+                parts[c0, i] = cross0, s_o0, s_oo0
+                if x_sums is not None:
+                    x_sums[c0, i] = x_sum
             cross = cross0 + t_bias[sl]
             s_o = s_o0 + const_o
             s_oo = s_oo0 + 2.0 * (x_sum @ w_bias) + const_oo
