@@ -12,6 +12,7 @@ checks that they are bit for bit those of a saved run (e.g. of another checkout,
 import argparse
 import io
 import os
+import resource
 import sys
 import time
 
@@ -64,7 +65,8 @@ def main(argv=None):
     done = [s for s in blocks if any(k.startswith(s + ".") for k in report)]
     print(f"{args.model} {args.method} W{args.bits}A{args.bits}, {len(images)} images, ranking_pairs "
           f"{args.ranking_pairs}, code {root}: {seconds:.1f} s for {len(set(stage_names[:args.stages or None]))} "
-          f"stages (load average {os.getloadavg()[0]:.2f})")
+          f"stages (load average {os.getloadavg()[0]:.2f}; peak resident memory "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GB)")
     if done:
         mean_block = sum(per_stage[s] for s in done) / len(done)
         # the layer seconds leave out the passes that advance to the next stage: scale them in
