@@ -59,8 +59,9 @@ def main(argv=None):
     seconds = time.perf_counter() - t0
     stage_names = [name for name, _, _ in all_stages(model)]
     blocks = [s for s in stage_names if s.startswith("blocks.")]
-    per_stage = {s: sum(info["seconds"] for layer, info in report.items()
-                        if layer == s or layer.startswith(s + ".") or (s == "embed" and layer.startswith("patch_embed")))
+    def stage_of(layer):
+        return "embed" if layer.startswith("patch_embed") else ".".join(layer.split(".")[:2])
+    per_stage = {s: sum(info["seconds"] for layer, info in report.items() if stage_of(layer) == s)
                  for s in stage_names}
     done = [s for s in blocks if any(k.startswith(s + ".") for k in report)]
     print(f"{args.model} {args.method} W{args.bits}A{args.bits}, {len(images)} images, ranking_pairs "

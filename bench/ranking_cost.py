@@ -20,7 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from src.quant.vtptq import ranking_loss, ranking_loss_all_pairs, ranking_loss_reference, sample_pairs  # noqa: E402,E501
+from src.quant.vtptq import (ranking_loss, ranking_loss_all_pairs, ranking_loss_reference,  # noqa: E402
+                             sample_pairs)
 
 
 def timed(fn, repeats):
