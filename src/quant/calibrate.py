@@ -3,8 +3,9 @@ order, in PYNATIVE mode. For each quantized layer it captures, with forward hook
 full-precision output of the FP network (the target) and the layer's input as it arrives
 through the already-quantized layers before it (`calib_input: quantized`) or through the FP
 network (`calib_input: fp`), then hands them to the method, which sets the intervals.
-Only one stage's activations (and one layer's captures) are held at a time, so the memory
-is bounded by the largest layer, not by the network.
+Only one stage's activations (and one layer's captures, or the FP outputs of a stage's layers
+up to FP_CAPTURE_BYTES) are held at a time, so the memory is bounded by the largest layer, not
+by the network.
 """
 import contextlib
 import sys
@@ -45,10 +46,15 @@ def batch_bounds(n, batch_size, offset=0):
     return [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
 
 
-def run_stage(fn, x, batch_size, capture=None):
+class _Captured(Exception):
+    """Raised by a capture hook to end a forward pass whose output is not needed."""
+
+
+def run_stage(fn, x, batch_size, capture=None, stop=False):
     """Apply a stage to numpy x in batches. capture: {cell: 'in' | 'out'} -> captured numpy
     arrays (a tuple of inputs, or the output) concatenated over batches. Under a sharded
-    calibration x is this rank's shard, batched as in one process (batch_bounds)."""
+    calibration x is this rank's shard, batched as in one process (batch_bounds). stop: a
+    capture hook ends each forward pass (for one captured cell; the stage output is then None)."""
     capture = capture or {}
     store = {cell: [] for cell in capture}
     handles = []
@@ -58,12 +64,17 @@ def run_stage(fn, x, batch_size, capture=None):
                 store[_cell].append(tuple(t.asnumpy() for t in inputs))
             else:
                 store[_cell].append(output.asnumpy())
+            if stop:
+                raise _Captured
         handles.append(cell.register_forward_hook(hook))
     outs = []
     try:
         for i, j in batch_bounds(len(x), batch_size, calibration_offset()):
             check_interrupted()
-            outs.append(fn(Tensor(x[i:j])).asnumpy())
+            try:
+                outs.append(fn(Tensor(x[i:j])).asnumpy())
+            except _Captured:
+                pass
     finally:
         for h in handles:
             h.remove()
@@ -73,7 +84,7 @@ def run_stage(fn, x, batch_size, capture=None):
             captured[cell] = tuple(np.concatenate([c[k] for c in chunks]) for k in range(len(chunks[0])))
         else:
             captured[cell] = np.concatenate(chunks)
-    return np.concatenate(outs), captured
+    return (None if stop else np.concatenate(outs)), captured
 
 
 # ----------------------------------------------------------------------------- problems
@@ -191,11 +202,11 @@ class AlternatingSearch(Method):
         q = getattr(cell, f"{name}_q")
         return fake_quant_np(x, scale, q.bits, q.signed)
 
-    def score(self, cell, problem, which, name, candidates, a_hat, b_hat_right, extra):
+    def score(self, cell, problem, which, name, candidates, a_hat, b_hat_right, extra, memo=None):
         """Mean objective of each candidate interval of operand `which` (see score_candidates)."""
         q = getattr(cell, f"{name}_q")
         return score_candidates(problem, which, candidates, a_hat, b_hat_right, q.bits, q.signed, self.objective,
-                                extra)
+                                extra, memo=memo)
 
     def calibrate(self, cell, problem):
         q = self.qcfg
@@ -210,11 +221,15 @@ class AlternatingSearch(Method):
         start = evaluate_pair(problem, a_hat, b_hat, self.objective, extra)
         best = (start, sa, sb, problem.bias)
         history = [start]
+        memo, layer = {}, {}  # a search repeated at the same interval of the other operand reuses its work,
+        # and the searches of the layer share what depends on neither interval (search.py)
         for _ in range(self.rounds()):
-            scores = self.score(cell, problem, "b", b_name, cand_b, a_hat, None, extra)
+            slot = memo.setdefault(("b", np.asarray(sa).tobytes()), {"layer": layer})
+            scores = self.score(cell, problem, "b", b_name, cand_b, a_hat, None, extra, memo=slot)
             sb = cand_b[int(np.argmax(scores))]
             b_hat = self.quantize(cell, b_name, problem.b_right, problem.right_scale(sb))
-            scores = self.score(cell, problem, "a", a_name, cand_a, None, b_hat, extra)
+            slot = memo.setdefault(("a", np.asarray(sb).tobytes()), {"layer": layer})
+            scores = self.score(cell, problem, "a", a_name, cand_a, None, b_hat, extra, memo=slot)
             sa = cand_a[int(np.argmax(scores))]
             a_hat = self.quantize(cell, a_name, problem.a, sa)
             value = float(scores.max())
@@ -258,21 +273,52 @@ def get_method(qcfg):
     return METHODS[qcfg["method"]](qcfg)
 
 
-def calibrate_stage(method, cells, fn, names, x_fp, x_q, batch, log=None, start=None):
+FP_CAPTURE_BYTES = 1 << 30  # FP outputs of a stage's layers captured together in one pass up to this size
+
+
+def fp_targets(fn, x_fp, batch, stage_cells):
+    """FP outputs of the leading cells of a stage whose outputs fit FP_CAPTURE_BYTES together,
+    captured in one pass of the FP stage instead of one pass per layer (the same forward
+    computation, so the same values). A one-image pass measures the output sizes first.
+    Quantization must be off. Returns (the FP stage output, {cell: output}), or (None, {}) when
+    fewer than two fit; the other cells are captured per layer."""
+    if len(stage_cells) < 2 or not len(x_fp):
+        return None, {}
+    _, probe = run_stage(fn, x_fp[:1], 1, {c: "out" for c in stage_cells})
+    keep, total = [], 0
+    for c in stage_cells:
+        total += probe[c].nbytes * len(x_fp)
+        if total > FP_CAPTURE_BYTES:
+            break
+        keep.append(c)
+    if len(keep) < 2:
+        return None, {}
+    return run_stage(fn, x_fp, batch, {c: "out" for c in keep})
+
+
+def calibrate_stage(method, cells, fn, names, x_fp, x_q, batch, log=None, start=None, fp_out=None):
     """Calibrate the layers `names` of one stage in order. x_fp: the stage's FP input; x_q: the
     input through the quantized earlier stages (x_fp itself for FP inputs). The target of each
     layer is its output in the FP stage; its input comes from x_q through the layers of this
-    stage calibrated before it. Leaves the stage's layers quantized. Returns {name: info}."""
+    stage calibrated before it. Leaves the stage's layers quantized. Returns {name: info}.
+    fp_out: a list, to which the FP stage output is appended when a pass computed it."""
     report = {}
     start = start or time.time()
+    _set_quant(cells, names, False)
+    out, targets = fp_targets(fn, x_fp, batch, [cells[n] for n in names])
+    if out is not None and fp_out is not None:
+        fp_out.append(out)
     for k, name in enumerate(names):
         t0 = time.time()
         cell = cells[name]
         _set_quant(cells, names, False)
-        _, cap = run_stage(fn, x_fp, batch, {cell: "out"})
+        if cell in targets:
+            cap = {cell: targets.pop(cell)}
+        else:
+            _, cap = run_stage(fn, x_fp, batch, {cell: "out"})
         target = cap[cell]
         _set_quant(cells, names[:k], x_q is not x_fp)
-        _, cap_in = run_stage(fn, x_q, batch, {cell: "in"})
+        _, cap_in = run_stage(fn, x_q, batch, {cell: "in"}, stop=True)  # the pass ends at the layer
         problem = build_problem(cell, cap_in[cell], target)
         del cap, cap_in, target
         sa, sb, info = method.calibrate(cell, problem)
@@ -322,10 +368,12 @@ def calibrate_model(model, images, qcfg, log=sys.stderr):
         for _, fn, names in model_stages(model):
             if hasattr(method, "before_stage"):  # e.g. vtptq_plus folds LayerNorm scales into the stage
                 method.before_stage(fn, x_fp, batch)
-            report.update(calibrate_stage(method, cells, fn, names, x_fp, x_q, batch, log, start))
-            # advance both paths to the next stage
+            fp_out = []  # the FP stage output, when calibrate_stage's pass of the FP targets made it
+            report.update(calibrate_stage(method, cells, fn, names, x_fp, x_q, batch, log, start, fp_out))
+            # advance both paths to the next stage (the FP stage is the same before and after
+            # calibration: bias corrections and learned weights apply only while quantizing)
             _set_quant(cells, names, False)
-            x_fp_next, _ = run_stage(fn, x_fp, batch)
+            x_fp_next = fp_out[0] if fp_out else run_stage(fn, x_fp, batch)[0]
             _set_quant(cells, names, True)
             x_q = x_fp_next if use_fp_input else run_stage(fn, x_q, batch)[0]
             x_fp = x_fp_next

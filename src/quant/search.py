@@ -20,6 +20,10 @@ CHUNK_ELEMS = 1 << 22  # float32 elements of candidate outputs held at once (16 
 # reuse heap memory instead of being mapped, page-faulted and unmapped chunk after chunk
 
 
+X_SUM_KEEP_BYTES = 256 << 20  # the most float64 input sums Σ_t x̂ a layer's input searches share
+GRAM_KEEP_BYTES = 2 << 30  # the most float64 weight Gram matrices (ŴᵀŴ per candidate) a layer's searches share
+
+
 def keep_heap_memory():
     """Ask glibc's allocator to serve blocks up to 32 MB from the heap and to keep freed heap
     memory (up to 1 GB) for reuse. The search allocates and frees temporaries of a few MB to
@@ -155,7 +159,7 @@ def _expand_candidates(scales, ndim):
 
 
 def score_candidates(problem, which, candidates, a_hat, b_hat_right, bits, signed, objective,
-                     extra_loss=None, cand_chunk=None, quant=None):
+                     extra_loss=None, cand_chunk=None, quant=None, memo=None):
     """Mean objective over samples for each candidate interval of operand `which` ('a' or 'b').
 
     candidates: (C, *scale_shape) in the layout of `a` or `b` (per-channel (out, 1) for a
@@ -163,11 +167,21 @@ def score_candidates(problem, which, candidates, a_hat, b_hat_right, bits, signe
     of problem.b_right; the one being searched is ignored). extra_loss(out (c, n, ...), sample
     slice) -> (c, n) is subtracted from the objective (the ranking loss). quant(x, scales): the
     fake quantizer of the searched operand (default the uniform grid of bits / signed; another
-    grid, e.g. vtptq_plus's log2, takes the candidate-by-candidate path). Returns float64 (C,)."""
+    grid, e.g. vtptq_plus's log2, takes the candidate-by-candidate path). memo: None, or a dict
+    that the caller keeps for one layer, one searched operand and one interval of the fixed
+    operand (see AlternatingSearch.calibrate): a later call with the same memo reuses the
+    results of the computations that do not depend on the bias, which are the same
+    computations on the same numbers (bit-identical results, a fraction of the time). Returns
+    float64 (C,)."""
+    if quant is None and problem.b_shared and extra_loss is None and objective in OBJECTIVES:
+        return _score_dense_moments(problem, which, candidates, a_hat, b_hat_right, bits, signed, objective, memo)
+    key = None
+    if memo is not None and quant is None:  # the whole result, when the bias is the same too
+        key = ("scores", candidates.tobytes(), None if problem.bias is None else problem.bias.tobytes(),
+               id(extra_loss), objective, bits, signed, cand_chunk, CHUNK_ELEMS)
+        if key in memo:
+            return memo[key].copy()
     if quant is None:
-        if problem.b_shared and extra_loss is None and objective in OBJECTIVES:
-            return _score_dense_moments(problem, which, candidates, a_hat, b_hat_right, bits, signed, objective)
-
         def quant(x, scales):
             return fake_quant_np(x, scales, bits, signed)
     sim = OBJECTIVES[objective] if isinstance(objective, str) else objective
@@ -196,7 +210,10 @@ def score_candidates(problem, which, candidates, a_hat, b_hat_right, bits, signe
                 s = s - extra_loss(out, sl)
             per_sample[c0:c0 + len(cs), sl] = s
         steps[c0:c0 + len(cs)] = [problem.sample_step(len(cs))] * len(cs)
-    return sample_mean(per_sample, steps)
+    scores = sample_mean(per_sample, steps)
+    if key is not None:
+        memo[key] = scores.copy()
+    return scores
 
 
 def evaluate_pair(problem, a_hat, b_hat_right, objective, extra_loss=None):
@@ -224,7 +241,7 @@ def _similarity_from_sums(objective, cross, s_o, s_oo, t_norm2, m):
     return cross / np.maximum(np.sqrt(var_o * t_norm2), EPS)
 
 
-def _score_dense_moments(problem, which, candidates, a_hat, b_hat_right, bits, signed, objective):
+def _score_dense_moments(problem, which, candidates, a_hat, b_hat_right, bits, signed, objective, memo=None):
     """score_candidates for a dense layer (shared weight) without forming the candidate outputs.
 
     With o = x̂ Ŵᵀ + b per token, the objective needs per sample only Σ o·t', Σ o and Σ o²:
@@ -232,60 +249,122 @@ def _score_dense_moments(problem, which, candidates, a_hat, b_hat_right, bits, s
       Σ o²   = <ŴᵀŴ, x̂ᵀ x̂> + 2 (Ŵᵀ b)·(Σ_t x̂) + T ‖b‖²
     (t' the centered target for Pearson, the target for cosine). A weight search then costs
     per-sample Gram matrices once and small products per candidate instead of C full layer
-    outputs; an input search uses x̂ (ŴᵀŴ) when the layer widens (in < out). Sums in float64."""
+    outputs; an input search uses x̂ (ŴᵀŴ) when the layer widens (in < out). Sums in float64.
+
+    memo (see score_candidates): the bias-free terms <Ŵ, t'ᵀ x̂>, (Σ_t x̂)·(Σ_o Ŵ_o), <ŴᵀŴ, x̂ᵀ x̂>
+    and Σ_t x̂ per chunk are kept; a repeated search recomputes only the bias terms, with the
+    same operations on the same arrays. memo["layer"], when present, is shared by the memos of
+    one layer: weight searches at different input intervals reuse the candidates' ŴᵀŴ there."""
     a, tgt = problem.a, problem.target
     n_tok, k = a.shape[-2], a.shape[-1]
     n = problem.n
     m = problem.out_elems
     bias = np.zeros(tgt.shape[-1]) if problem.bias is None else problem.bias.astype(np.float64)
-    t = tgt.reshape(n, n_tok, -1).astype(np.float64)
-    if objective == "pearson":
-        t = t - t.mean(axis=(1, 2), keepdims=True)
-    t_norm2 = np.einsum("nto,nto->n", t, t)
-    t_bias = t.sum(axis=1) @ bias  # Σ_o b_o Σ_t t'_o, (n,)
+    key = ("moments", which, candidates.tobytes(), objective, bits, signed, CHUNK_ELEMS)
+    parts = None if memo is None else memo.get(key)
+    if parts is None:
+        parts = {}
+        if memo is not None:
+            memo[key] = parts
+    hit = "t_norm2" in parts
+    if hit:
+        t_sum, t_norm2 = parts["t_sum"], parts["t_norm2"]
+    else:
+        t = tgt.reshape(n, n_tok, -1).astype(np.float64)
+        if objective == "pearson":
+            t = t - t.mean(axis=(1, 2), keepdims=True)
+        t_norm2 = np.einsum("nto,nto->n", t, t)
+        t_sum = t.sum(axis=1)
+    t_bias = t_sum @ bias  # Σ_o b_o Σ_t t'_o, (n,)
     const_o, const_oo = n_tok * bias.sum(), n_tok * float(bias @ bias)
     if which == "b":
-        x = a_hat.reshape(n, n_tok, k).astype(np.float64)
-        x_sum = x.sum(axis=1)                                   # (n, K)
-        xt = np.swapaxes(x, 1, 2)
-        gram_x = np.matmul(xt, x).reshape(n, -1)                    # (n, K·K)
-        cross_x = np.matmul(np.swapaxes(t, 1, 2), x).reshape(n, -1)  # (n, O·K)
-        gram_w = np.empty((min(16, len(candidates)), k, k), np.float64)  # reused: up to 16 x K² x 8 bytes
+        if hit:
+            x_sum = parts["x_sum"]
+        else:
+            x = a_hat.reshape(n, n_tok, k).astype(np.float64)
+            x_sum = x.sum(axis=1)                                   # (n, K)
+            xt = np.swapaxes(x, 1, 2)
+            gram_x = np.matmul(xt, x).reshape(n, -1)                    # (n, K·K)
+            cross_x = np.matmul(np.swapaxes(t, 1, 2), x).reshape(n, -1)  # (n, O·K)
+            gram_w = np.empty((min(16, len(candidates)), k, k), np.float64)  # reused: up to 16 x K² x 8 bytes
+        # ŴᵀŴ of every candidate depends on neither operand's other interval nor the bias: the
+        # searches of one layer share them when they fit GRAM_KEEP_BYTES
+        layer = None if memo is None else memo.get("layer")
+        grams = None
+        if layer is not None and len(candidates) * k * k * 8 <= GRAM_KEEP_BYTES:
+            grams = layer.setdefault(("gram_w", candidates.tobytes(), bits, signed), {})
         per_sample = np.zeros((len(candidates), n), np.float64)
         for c0 in range(0, len(candidates), 16):
             cs = candidates[c0:c0 + 16]
             w = fake_quant_np(problem.b[None], _expand_candidates(cs, problem.b.ndim), bits, signed).astype(np.float64)
-            cross = w.reshape(len(cs), -1) @ cross_x.T + t_bias                        # (c, n)
-            s_o = w.sum(axis=1) @ x_sum.T + const_o
-            g = np.matmul(np.swapaxes(w, 1, 2), w, out=gram_w[:len(cs)])
-            s_oo = g.reshape(len(cs), -1) @ gram_x.T \
-                + 2.0 * (np.einsum("cok,o->ck", w, bias) @ x_sum.T) + const_oo
+            if hit:
+                wx, wsx, gx = parts[c0]
+            else:
+                wx = w.reshape(len(cs), -1) @ cross_x.T
+                wsx = w.sum(axis=1) @ x_sum.T
+                g = None if grams is None else grams.get(c0)
+                if g is None:
+                    out = gram_w[:len(cs)] if grams is None else np.empty((len(cs), k, k), np.float64)
+                    g = np.matmul(np.swapaxes(w, 1, 2), w, out=out)
+                    if grams is not None:
+                        grams[c0] = g
+                gx = g.reshape(len(cs), -1) @ gram_x.T
+                parts[c0] = wx, wsx, gx
+            cross = wx + t_bias                        # (c, n)
+            s_o = wsx + const_o
+            s_oo = gx + 2.0 * (np.einsum("cok,o->ck", w, bias) @ x_sum.T) + const_oo
             per_sample[c0:c0 + len(cs)] = _similarity_from_sums(objective, cross, s_o, s_oo, t_norm2, m)
+        if not hit:
+            parts.update(x_sum=x_sum, t_sum=t_sum, t_norm2=t_norm2)
         return sample_mean(per_sample, None)
     w = np.swapaxes(b_hat_right, -1, -2)  # Ŵ (O, K), float32
     w64 = w.astype(np.float64)
-    tw = (t @ w64).astype(np.float32)  # t' Ŵ, (n, T, K)
-    w_sum, w_bias = w64.sum(axis=0), w64.T @ bias
+    if not hit:
+        tw = (t @ w64).astype(np.float32)  # t' Ŵ, (n, T, K)
+        w_sum = w64.sum(axis=0)
+    w_bias = w64.T @ bias
     widen = k < w.shape[0]
-    gram_w = (w64.T @ w64).astype(np.float32) if widen else None
+    gram_w = (w64.T @ w64).astype(np.float32) if widen and not hit else None
     sample_elems = n_tok * max(k, w.shape[0])
     step_n = max(1, CHUNK_ELEMS // max(1, len(candidates) * sample_elems))
     cand_chunk = len(candidates) if step_n > 1 else max(1, CHUNK_ELEMS // sample_elems)
     per_sample = np.zeros((len(candidates), n), np.float64)
+    # Σ_t x̂ per chunk depends only on the candidates: kept once per layer when it is small, else a
+    # repeated search fake-quantizes x again for it
+    layer = None if memo is None else memo.get("layer")
+    x_sums = None
+    if layer is not None and len(candidates) * n * k * 8 <= X_SUM_KEEP_BYTES:
+        x_sums = layer.setdefault(("x_sum", candidates.tobytes(), bits, signed, CHUNK_ELEMS), {})
     for c0 in range(0, len(candidates), cand_chunk):
         check_interrupted()
         cs = candidates[c0:c0 + cand_chunk]
         for i in range(0, n, step_n):
             sl = slice(i, min(n, i + step_n))
-            xc = fake_quant_np(a[sl].reshape(-1, n_tok, k)[None], _expand_candidates(cs, 3), bits, signed)
-            cross = np.einsum("cntk,ntk->cn", xc, tw[sl]).astype(np.float64) + t_bias[sl]
-            x_sum = xc.sum(axis=2, dtype=np.float64)                    # (c, n, K)
-            s_o = x_sum @ w_sum + const_o
-            if widen:
-                s_oo = np.einsum("cntk,cntk->cn", xc @ gram_w, xc).astype(np.float64)
+            if hit:
+                cross0, s_o0, s_oo0 = parts[c0, i]
+                x_sum = None if x_sums is None else x_sums.get((c0, i))
+                if x_sum is None:
+                    xc = fake_quant_np(a[sl].reshape(-1, n_tok, k)[None], _expand_candidates(cs, 3), bits, signed)
+                    x_sum = xc.sum(axis=2, dtype=np.float64)
             else:
-                out = xc @ np.ascontiguousarray(w.T)
-                s_oo = np.einsum("cnto,cnto->cn", out, out).astype(np.float64)
-            s_oo = s_oo + 2.0 * (x_sum @ w_bias) + const_oo
+                xc = fake_quant_np(a[sl].reshape(-1, n_tok, k)[None], _expand_candidates(cs, 3), bits, signed)
+                cross0 = np.einsum("cntk,ntk->cn", xc, tw[sl]).astype(np.float64)
+                x_sum = None if x_sums is None else x_sums.get((c0, i))
+                if x_sum is None:
+                    x_sum = xc.sum(axis=2, dtype=np.float64)                    # (c, n, K)
+                s_o0 = x_sum @ w_sum
+                if widen:
+                    s_oo0 = np.einsum("cntk,cntk->cn", xc @ gram_w, xc).astype(np.float64)
+                else:
+                    out = xc @ np.ascontiguousarray(w.T)
+                    s_oo0 = np.einsum("cnto,cnto->cn", out, out).astype(np.float64)
+                parts[c0, i] = cross0, s_o0, s_oo0
+                if x_sums is not None:
+                    x_sums[c0, i] = x_sum
+            cross = cross0 + t_bias[sl]
+            s_o = s_o0 + const_o
+            s_oo = s_oo0 + 2.0 * (x_sum @ w_bias) + const_oo
             per_sample[c0:c0 + len(cs), sl] = _similarity_from_sums(objective, cross, s_o, s_oo, t_norm2[sl], m)
+    if not hit:
+        parts.update(t_sum=t_sum, t_norm2=t_norm2)
     return sample_mean(per_sample, step_n)

@@ -18,16 +18,71 @@ from ..distributed import gather_samples
 from .calibrate import AlternatingSearch, register_method
 
 ROW_CHUNK_ELEMS = 1 << 22  # float32 pair differences held at once (16 MB; see search.CHUNK_ELEMS)
+PAIR_INDEX_KEEP_BYTES = 256 << 20  # pair indices of the sampled pairs kept per layer search (see pair_index)
+PAIR_BLOCK_ELEMS = 1 << 18  # float32 pair differences per block of all pairs (1 MB, cache-sized)
 
 
-def ranking_loss(scores_fp, scores_q, theta=0.2, pairs=None):
+def ranking_loss(scores_fp, scores_q, theta=0.2, pairs=None, index=None):
     """Mean pairwise hinge loss per sample.
 
     scores_fp: (n, ..., T) FP scaled scores (rows on the last axis); scores_q: (c, n, ..., T)
     quantized scores (any leading candidate axes). pairs: None for all pairs i<j, or a tuple
-    of index arrays (i, j) of the column pairs to use. Returns float64 (c, n)."""
+    of index arrays (i, j) of the column pairs to use; index: their pair_index(scores_fp, pairs)
+    if known. Returns float64 (c, n).
+
+    Each hinge is computed in the dtype of scores_q (float32 in the search) and summed in
+    float64. With pairs=None the result is that of ranking_loss_reference (to ~1e-15, the sums
+    run in another order), which removes the diagonal as T·θ where it summed T hinges
+    float32(θ): it exceeds the mean over the pairs i<j by (float32(θ) - θ) / (T - 1)."""
     if pairs is not None:
-        return _ranking_loss_pairs(scores_fp, scores_q, theta, pairs)
+        return _ranking_loss_pairs(scores_fp, scores_q, theta, pairs, index)
+    t = scores_fp.shape[-1]
+    theta_q = float(np.asarray(theta, scores_q.dtype))  # θ in the dtype of the hinges (float32: not 0.2)
+    return ranking_loss_all_pairs(scores_fp, scores_q, theta) + (theta_q - theta) / max(t - 1, 1)
+
+
+def ranking_loss_all_pairs(scores_fp, scores_q, theta=0.2):
+    """Mean hinge over all column pairs i<j: ranking_loss(pairs=sample_pairs(T, 0)) (the hinges
+    computed the same way, summed in float64 in another order), O(T²) per row without gathers.
+
+    The columns of each row are sorted by decreasing FP score: the pairs at offset k, (p, p + k),
+    then have sign +1 (0 for a tie), and their differences are two contiguous slices. Rows are
+    laid out on the inner axis (T, c·rows), in blocks of about PAIR_BLOCK_ELEMS differences."""
+    t = scores_fp.shape[-1]
+    lead = scores_q.shape[:scores_q.ndim - scores_fp.ndim]
+    n = scores_fp.shape[0]
+    c = int(np.prod(lead, dtype=np.int64))
+    fp_rows = scores_fp.reshape(n, -1, t)
+    rows = fp_rows.shape[1]
+    order = np.argsort(-fp_rows, axis=-1, kind="stable")
+    a_sorted = np.take_along_axis(fp_rows, order, axis=-1)
+    q_rows = scores_q.reshape(c, n, rows, t)
+    total = np.zeros((c, n), np.float64)  # twice the sum of the hinges
+    step = max(1, PAIR_BLOCK_ELEMS // (c * t))  # rows per block
+    for s, r in ((s, r) for s in range(n) for r in range(0, rows, step)):
+        a = np.ascontiguousarray(a_sorted[s, r:r + step].T)  # (T, rows of the block)
+        tied = bool(np.any(a[1:] == a[:-1]))
+        q = np.take_along_axis(q_rows[:, s, r:r + step], order[None, s, r:r + step], axis=-1)
+        q = np.ascontiguousarray(q.transpose(2, 0, 1)).reshape(t, -1)  # (T, c·rows): contiguous slices
+        buf = np.empty((2,) + q.shape, q.dtype)
+        acc = np.zeros(q.shape[1], np.float64)
+        for k in range(1, t):
+            d, mag = buf[0, :t - k], buf[1, :t - k]
+            np.subtract(q[:t - k], q[k:], out=d)  # fl(Â_hi - Â_lo) of the pairs (p, p + k)
+            if tied:  # a tie: difference 0, hinge θ
+                d.reshape(t - k, c, -1)[...] *= (a[:t - k] != a[k:])[:, None, :]
+            np.subtract(theta, d, out=d)
+            np.abs(d, out=mag)
+            d += mag  # x + |x| = 2·max(0, x) exactly, and faster than np.maximum
+            acc += d.sum(axis=0, dtype=np.float64)
+        total[:, s] += acc.reshape(c, -1).sum(axis=1)
+    return (total / (rows * t * (t - 1))).reshape(lead + (n,))
+
+
+def ranking_loss_reference(scores_fp, scores_q, theta=0.2):
+    """ranking_loss over all pairs as commit fdfbc73 computed it (every ordered pair, with a sign
+    pass), kept as the reference of the tests and of bench/ranking_cost.py. Arguments and result
+    as ranking_loss's."""
     t = scores_fp.shape[-1]
     lead = scores_q.shape[:scores_q.ndim - scores_fp.ndim]
     n = scores_fp.shape[0]
@@ -49,13 +104,11 @@ def ranking_loss(scores_fp, scores_q, theta=0.2, pairs=None):
     return total / (rows * t * (t - 1) // 2)
 
 
-def _ranking_loss_pairs(scores_fp, scores_q, theta, pairs):
-    """ranking_loss over the given column pairs. Each pair is oriented per row so that its
-    first index has the larger FP score (sign +1), and a tie points both indices at the same
-    column (hinge max(0, θ - 0) = θ, as sign 0 gives); the hinge then needs two gathers from
-    the flat quantized scores and no sign pass."""
+def pair_index(scores_fp, pairs):
+    """Flat indices (hi, lo) into the (n, rows, T) scores of the two columns of every given pair
+    in every row, oriented so that hi has the larger FP score (a tie: lo = hi); (n·rows·P,) each.
+    They depend only on the FP scores: the search computes them once per sample chunk."""
     t = scores_fp.shape[-1]
-    lead = scores_q.shape[:scores_q.ndim - scores_fp.ndim]
     n = scores_fp.shape[0]
     fp_rows = scores_fp.reshape(n, -1, t)
     rows = fp_rows.shape[1]
@@ -66,11 +119,23 @@ def _ranking_loss_pairs(scores_fp, scores_q, theta, pairs):
     tie = a_i == a_j
     lo[tie] = hi[tie]
     base = (np.arange(n * rows, dtype=np.int64) * t).reshape(n, rows, 1)
-    hi, lo = (hi + base).ravel(), (lo + base).ravel()
+    return (hi + base).ravel(), (lo + base).ravel()
+
+
+def _ranking_loss_pairs(scores_fp, scores_q, theta, pairs, index=None):
+    """ranking_loss over the given column pairs. Each pair is oriented per row so that its
+    first index has the larger FP score (sign +1), and a tie points both indices at the same
+    column (hinge max(0, θ - 0) = θ, as sign 0 gives); the hinge then needs two gathers from
+    the flat quantized scores and no sign pass. index: pair_index(scores_fp, pairs), if known."""
+    t = scores_fp.shape[-1]
+    lead = scores_q.shape[:scores_q.ndim - scores_fp.ndim]
+    n = scores_fp.shape[0]
+    rows = int(np.prod(scores_fp.shape[1:-1], dtype=np.int64))
+    hi, lo = pair_index(scores_fp, pairs) if index is None else index
     c = int(np.prod(lead, dtype=np.int64))
     q = scores_q.reshape(c, n * rows * t)
     total = np.zeros((c, n), np.float64)
-    per_sample = rows * len(ii)
+    per_sample = rows * len(pairs[0])
     step = max(1, ROW_CHUNK_ELEMS // max(1, c * per_sample))  # samples per chunk
     for s0 in range(0, n, step):
         sel = slice(s0 * per_sample, min(n, s0 + step) * per_sample)
@@ -130,9 +195,23 @@ class VTPTQ(AlternatingSearch):
         t = problem.target.shape[-1]
         pairs = sample_pairs(t, q.get("ranking_pairs", 0), seed=q.get("calib_seed", 0))
         theta, gamma = q["ranking_theta"], q["ranking_gamma"]
+        if len(pairs[0]) == t * (t - 1) // 2:  # all pairs: the same hinges, summed without gathers
+
+            def loss(out, sl):
+                return gamma * ranking_loss_all_pairs(problem.target[sl] * scale, out * scale, theta=theta)
+            return loss
+
+        indices, kept = {}, [0]  # pair_index per sample chunk, kept up to PAIR_INDEX_KEEP_BYTES
 
         def loss(out, sl):
-            return gamma * ranking_loss(problem.target[sl] * scale, out * scale, theta=theta, pairs=pairs)
+            fp = problem.target[sl] * scale
+            index = indices.get((sl.start, sl.stop))
+            if index is None:
+                index = pair_index(fp, pairs)
+                if kept[0] + 2 * index[0].nbytes <= PAIR_INDEX_KEEP_BYTES:
+                    indices[sl.start, sl.stop] = index
+                    kept[0] += 2 * index[0].nbytes
+            return gamma * ranking_loss(fp, out * scale, theta=theta, pairs=pairs, index=index)
         return loss
 
     def after_round(self, cell, problem, a_hat, b_hat_right):

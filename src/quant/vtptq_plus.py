@@ -416,10 +416,10 @@ class VTPTQPlus(VTPTQ):
             return fake_quant_asym_np(x, scale, zero_point(self._lo[id(cell)], scale, q.bits), q.bits)
         return super().quantize(cell, name, x, scale)
 
-    def score(self, cell, problem, which, name, candidates, a_hat, b_hat_right, extra):
+    def score(self, cell, problem, which, name, candidates, a_hat, b_hat_right, extra, memo=None):
         q = getattr(cell, f"{name}_q")
         if q.kind == "uniform":
-            return super().score(cell, problem, which, name, candidates, a_hat, b_hat_right, extra)
+            return super().score(cell, problem, which, name, candidates, a_hat, b_hat_right, extra, memo)
         return score_candidates(problem, which, candidates, a_hat, b_hat_right, q.bits, q.signed, self.objective,
                                 extra, quant=lambda x, s: self.quantize(cell, name, x, s))
 

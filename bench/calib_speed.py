@@ -1,0 +1,99 @@
+"""Time a DeiT-S calibration (vtptq by default) as bench_quant.py's calibration part runs it
+(random weights, random images), over the first `--stages` stages (1: the patch embedding,
+2: and block 0, ...; 0: all), and extrapolate to the whole model: every block stage has the
+same shapes, so whole = embedding + 12 x the mean block (+ the head, not quantized by
+default). `--save FILE` writes every interval and bias correction (npz); `--compare FILE`
+checks that they are bit for bit those of a saved run (e.g. of another checkout, `--root`).
+
+    python bench/calib_speed.py --stages 2 --ranking-pairs 256 --verbose
+    python bench/calib_speed.py --stages 2 --ranking-pairs 256 --root /path/to/old/checkout --save old.npz
+    python bench/calib_speed.py --stages 2 --ranking-pairs 256 --compare old.npz
+"""
+import argparse
+import io
+import os
+import resource
+import sys
+import time
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="deit_small_patch16_224")
+    p.add_argument("--method", default="vtptq")
+    p.add_argument("--stages", type=int, default=2, help="stages to calibrate (0: all; default 2)")
+    p.add_argument("--calib-num", type=int, default=32, help="calibration images (default 32)")
+    p.add_argument("--ranking-pairs", type=int, default=256, help="vtptq ranking pairs per row (0: all; default 256)")
+    p.add_argument("--bits", type=int, default=8, help="weight and activation bits (default 8, as bench_quant)")
+    p.add_argument("--root", default=None, help="checkout whose src/ and bench/ to run (default this one)")
+    p.add_argument("--save", metavar="FILE", help="write the intervals and bias corrections (npz)")
+    p.add_argument("--compare", metavar="FILE", help="compare them bit for bit with a saved run")
+    p.add_argument("--verbose", action="store_true", help="per-layer calibration log")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse(argv)
+    root = os.path.abspath(args.root or os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.path[:0] = [root, os.path.join(root, "bench")]
+    os.environ.setdefault("GLOG_v", "3")
+    import numpy as np
+    import mindspore as ms
+    import bench_quant
+    import src.quant.calibrate as calibrate
+    from src.quant import quant_cells, quantize_model
+
+    all_stages = calibrate.model_stages
+    if args.stages:
+        calibrate.model_stages = lambda m: all_stages(m)[:args.stages]
+    bench_quant.RANKING_PAIRS = args.ranking_pairs
+    images = bench_quant.calibration_images(args.model, args.calib_num)
+    cfg = bench_quant.bench_cfg(args.model, args.method, len(images), args.bits)
+    ms.set_seed(0)  # the same random weights in every run (and checkout)
+    np.random.seed(0)
+    model = bench_quant.build_fp(args.model)
+    quantize_model(model, cfg)
+    log = sys.stdout if args.verbose else io.StringIO()
+    t0 = time.perf_counter()
+    report = calibrate.calibrate_model(model, images, cfg, log=log)
+    seconds = time.perf_counter() - t0
+    stage_names = [name for name, _, _ in all_stages(model)]
+    blocks = [s for s in stage_names if s.startswith("blocks.")]
+    def stage_of(layer):
+        return "embed" if layer.startswith("patch_embed") else ".".join(layer.split(".")[:2])
+    per_stage = {s: sum(info["seconds"] for layer, info in report.items() if stage_of(layer) == s)
+                 for s in stage_names}
+    done = [s for s in blocks if any(k.startswith(s + ".") for k in report)]
+    print(f"{args.model} {args.method} W{args.bits}A{args.bits}, {len(images)} images, ranking_pairs "
+          f"{args.ranking_pairs}, code {root}: {seconds:.1f} s for {len(set(stage_names[:args.stages or None]))} "
+          f"stages (load average {os.getloadavg()[0]:.2f}; peak resident memory "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GB)")
+    if done:
+        mean_block = sum(per_stage[s] for s in done) / len(done)
+        # the layer seconds leave out the passes that advance to the next stage: scale them in
+        other = max(0.0, seconds - sum(info["seconds"] for info in report.values())) / max(1, len(done))
+        whole = per_stage["embed"] + len(blocks) * (mean_block + other)
+        print(f"  embedding {per_stage['embed']:.1f} s, mean block {mean_block + other:.1f} s over {len(done)} -> "
+              f"whole model about {whole:.0f} s ({whole / 60:.1f} min; an extrapolation, not a full run)")
+    scales = {}
+    for name, cell in quant_cells(model):
+        if name not in report:
+            continue
+        for op in cell.operands:
+            scales[f"{name}.{op}"] = np.asarray(cell.get_scale(op), np.float32)
+        if cell.bias_corr is not None:
+            scales[f"{name}.bias_corr"] = np.asarray(cell.bias_corr, np.float32)
+    if args.save:
+        np.savez(args.save, **scales)
+    if args.compare:
+        ref = np.load(args.compare)
+        bad = sorted(k for k in set(ref.files) | set(scales)
+                     if k not in ref.files or k not in scales or ref[k].tobytes() != scales[k].tobytes())
+        print(f"  intervals and bias corrections vs {args.compare}: "
+              + ("bit-identical" if not bad else f"DIFFERENT: {', '.join(bad)}") + f" ({len(scales)} arrays)")
+        return 1 if bad else 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
