@@ -68,7 +68,9 @@ def main(argv=None):
           f"{args.ranking_pairs}, code {root}: {seconds:.1f} s for {len(set(stage_names[:args.stages or None]))} "
           f"stages (load average {os.getloadavg()[0]:.2f}; peak resident memory "
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GB)")
-    if done:
+    if not args.stages:
+        print(f"  the whole model, measured: {seconds:.1f} s ({seconds / 60:.1f} min)")
+    elif done:
         mean_block = sum(per_stage[s] for s in done) / len(done)
         # the layer seconds leave out the passes that advance to the next stage: scale them in
         other = max(0.0, seconds - sum(info["seconds"] for info in report.values())) / max(1, len(done))
