@@ -20,7 +20,7 @@ from .. import kernels
 # Operations chosen for MindSpore's CPU backend in GRAPH mode (2.10). The outputs of Div (`/`),
 # Transpose and a broadcasting Add of a bias never have their memory reused within a graph, so
 # each one keeps its own buffer for the whole forward pass (ten divisions of a DeiT-S MLP
-# activation at batch 32: 1.5 GB). RealDiv, BiasAdd and MatMul with transpose_b compute the same
+# activation at batch 32: 1.5 GB in an ad-hoc check). RealDiv, BiasAdd and MatMul with transpose_b compute the same
 # values, bit for bit, and their memory is reused. The attention's transpositions of the heads
 # use a fused kernel (src/kernels) where available: mint.permute's memory is reused, but the
 # copies it implies take about 4x the time of Transpose. The patch embedding's transpositions
