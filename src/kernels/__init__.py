@@ -167,9 +167,15 @@ def _same_dtype(x, *_):
     return x
 
 
-def _custom(name, out_shape):
+_OPS = {}  # one primitive per kernel and library, shared by every layer
+
+
+def _custom(name, out_shape, out_dtype=_same_dtype):
     from mindspore import ops
-    return ops.Custom(f"{library_path()}:{name}", out_shape=out_shape, out_dtype=_same_dtype, func_type="aot")
+    key = (library_path(), name)
+    if key not in _OPS:
+        _OPS[key] = ops.Custom(f"{key[0]}:{name}", out_shape=out_shape, out_dtype=out_dtype, func_type="aot")
+    return _OPS[key]
 
 
 def fake_quant_op():
@@ -198,11 +204,10 @@ def split_heads_op():
     (A, C, B, D), or None (see module doc)."""
     if not enabled():
         return None
-    from mindspore import ops
 
     def shapes(x, c):
         return tuple([x[0], x[3], x[1], x[4]] for _ in range(3))
 
     def dtypes(x, c):
         return (x, x, x)
-    return ops.Custom(f"{library_path()}:SplitHeads", out_shape=shapes, out_dtype=dtypes, func_type="aot")
+    return _custom("SplitHeads", shapes, dtypes)
