@@ -8,6 +8,7 @@ the median and the largest logit difference rather than equality, except where t
 coarse (4 bits, no code sits near a tie on these inputs). A tiny ViT with random weights
 keeps it fast; the embedded model checks W8A8 on real test images.
 """
+import json
 import os
 import subprocess
 import sys
@@ -25,7 +26,9 @@ from _helpers import randomize  # noqa: E402
 from src.config import defaults  # noqa: E402
 from src.data.fmnist import load_embedded, normalize  # noqa: E402
 from src.engine import build_model, predict  # noqa: E402
-from src.export.onnx import OnnxModel, export_onnx, onnx_metadata, onnx_model_name  # noqa: E402
+from src.export.onnx import (OnnxModel, check_integer_products, export_onnx, onnx_metadata,  # noqa: E402
+                             onnx_model_name)
+from src.export.ort_run import qemu, run_on_cpu  # noqa: E402
 from src.models import create_model, get_data_config  # noqa: E402
 from src.models.registry import default_checkpoint  # noqa: E402
 from src.models.vit import VisionTransformer  # noqa: E402
@@ -143,8 +146,12 @@ def test_tiny_w8a8_graph_and_metadata(tmp_path):
     assert onnx_model_name(path) == "tiny_vit"
     inits = initializers(path)
     w = inits["blocks.0.mlp.fc1.weight_int"]
-    assert w.dtype == np.int8 and w.shape == (32, 128)  # (in, out) for MatMul
+    # 8-bit weights with 8-bit activations: uint8 codes + 128 (a uint8 x int8 pair sum could
+    # leave int16), (in, out) for MatMul
+    assert w.dtype == np.uint8 and w.shape == (32, 128) and inits["blocks.0.mlp.fc1.w_zero_point"] == 128
     assert inits["blocks.0.mlp.fc1.w_scale"].shape == ()
+    products = __import__("json").loads(meta["integer_products"])
+    assert len(products) == len(quant_cells(model)) and {p["kernel"] for p in products.values()} == {"u8u8"}
 
 
 def test_per_channel_head_and_float_patch_embed(tmp_path):
@@ -180,11 +187,16 @@ def test_4bit_clip_exact_graph(tmp_path):
     compare(ort_logits(path, x), ref, min_agree=0.9, max_rel=0.5)
     inits = initializers(path)
     w = inits["blocks.1.mlp.fc2.weight_int"]
-    assert w.dtype == np.int8 and w.min() >= -8 and w.max() <= 7
+    assert w.dtype == np.int8 and w.min() >= -8 and w.max() <= 7  # 2·15·8 fits int16: uint8 x int8
     nodes = {n.name: n for n in onnx.load(str(path)).graph.node}
     assert "blocks.0.mlp.fc1.a/Clip" in nodes
-    assert inits["blocks.0.attn.matmul2.a.zero_point"].dtype == np.uint8  # unsigned softmax output
-    assert inits["blocks.0.attn.matmul1.a.zero_point"].dtype == np.int8
+    assert inits["blocks.0.attn.matmul2.a.zero_point"] == np.uint8(0)  # unsigned softmax output
+    assert inits["blocks.0.attn.matmul1.a.zero_point"] == np.uint8(8)  # signed 4-bit codes from 0: 0..15
+    assert inits["blocks.0.attn.matmul1.b.zero_point"] == np.uint8(8)  # K: uint8 too
+    products = __import__("json").loads(onnx_metadata(path)["integer_products"])
+    assert products["blocks.0.mlp.fc2/MatMul"]["kernel"] == "u8s8"
+    assert products["blocks.0.mlp.fc2/MatMul"]["left"] == ["uint8", 0, 15]
+    assert products["blocks.0.attn.matmul1/MatMul"]["kernel"] == "u8u8"
 
 
 def test_wider_than_8_bits_uses_int16(tmp_path):
@@ -249,6 +261,135 @@ def test_engine_build_model_and_predict(tmp_path):
     out = predict(om, x, 4)  # zero-padded last batch, as engine.evaluate does
     assert out.shape == (10, 10)
     np.testing.assert_allclose(out, OnnxModel(path)(x).asnumpy(), rtol=0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- integer kernels on every CPU
+# onnxruntime's uint8 x int8 kernel on x86 without VNNI (AVX2; AVX-512 without VNNI) adds two
+# adjacent products with vpmaddubsw, saturating at int16; u8u8 widens to 16 bits and is exact,
+# and so are VNNI and ARM64 dot products. The export must never rely on a saturating pair.
+
+def u8s8_saturating(a, b):
+    """a uint8 (M, K) @ b int8 (K, N) as vpmaddubsw + vpmaddwd compute it: products of adjacent
+    k pairs summed with int16 saturation, then the pairs summed in int32."""
+    a, b = a.astype(np.int64), b.astype(np.int64)
+    if a.shape[1] % 2:
+        a, b = np.pad(a, ((0, 0), (0, 1))), np.pad(b, ((0, 1), (0, 0)))
+    pairs = a[:, 0::2, None] * b[None, 0::2, :] + a[:, 1::2, None] * b[None, 1::2, :]
+    return np.clip(pairs, -32768, 32767).sum(axis=1)
+
+
+def test_u8s8_emulation_saturates_like_the_kernel():
+    a = np.full((1, 4), 255, np.uint8)
+    b = np.full((4, 1), 127, np.int8)
+    assert u8s8_saturating(a, b)[0, 0] == 2 * 32767 != 4 * 255 * 127
+    a = np.array([[3, 200, 7]], np.uint8)
+    b = np.array([[-5], [100], [-128]], np.int8)
+    assert u8s8_saturating(a, b)[0, 0] == 3 * -5 + 200 * 100 + 7 * -128  # no pair leaves int16
+
+
+def stored_codes(path, x, names):
+    """The stored values of the QuantizeLinear outputs `names` of the unoptimized graph."""
+    proto = onnx.load(str(path))
+    for name in names:
+        proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.UINT8, None))
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"input": x})))
+
+
+@pytest.mark.parametrize("bits", [(8, 8), (4, 4), (4, 8), (8, 4), (6, 6)])
+def test_no_saturating_pair_on_the_exported_codes(tmp_path, bits):
+    """On the codes of real inputs, every product the export writes as uint8 x int8 gives the
+    exact int32 sums under the non-VNNI arithmetic; the earlier encoding (int8 activations,
+    which onnxruntime shifts by 128, times 8-bit int8 weights) did not."""
+    w_bits, a_bits = bits
+    model = quantized_tiny(w_bits=w_bits, a_bits=a_bits)
+    x = images(16, seed=9)
+    path = tmp_path / "m.onnx"
+    export_onnx(model, path)
+    products = json.loads(onnx_metadata(path)["integer_products"])
+    inits = initializers(path)
+    layers = [n for n, c in quant_cells(model) if "matmul" not in n]
+    codes = stored_codes(path, x, [f"{n}.a/QuantizeLinear" for n in layers])
+    checked = saturated_before = 0
+    for name in layers:
+        a = codes[f"{name}.a/QuantizeLinear"]
+        a = a.reshape(-1, a.shape[-1])
+        w = inits[f"{name}.weight_int"]
+        if products[f"{name}/MatMul"]["kernel"] == "u8s8":
+            assert w.dtype == np.int8
+            np.testing.assert_array_equal(u8s8_saturating(a, w), a.astype(np.int64) @ w.astype(np.int64))
+            checked += 1
+        if w_bits == a_bits == 8:  # the earlier encoding of the same codes
+            zp = int(inits[f"{name}.a.zero_point"])
+            old_a = (a.astype(np.int64) - zp + 128).astype(np.uint8)  # signed code + 128
+            old_w = (w.astype(np.int64) - int(inits[f"{name}.w_zero_point"])).astype(np.int8)
+            exact = old_a.astype(np.int64) @ old_w.astype(np.int64)
+            saturated_before += int(np.any(u8s8_saturating(old_a, old_w) != exact))
+    assert checked == (0 if w_bits == a_bits == 8 else len(layers))  # 2·255·127 > 32767; the others fit
+    if w_bits == a_bits == 8:
+        assert saturated_before > 0
+
+
+def _qdq_matmul_graph(left_dtype, right_codes, right_dtype, right_zp):
+    """x -> QuantizeLinear(scale 0.1, zero point 0, left_dtype) -> DequantizeLinear, times
+    DequantizeLinear(right codes, scale 0.01): a one-product graph."""
+    from onnx import TensorProto, helper, numpy_helper
+    k, n = right_codes.shape
+    inits = [numpy_helper.from_array((right_codes + right_zp).astype(right_dtype), "w"),
+             numpy_helper.from_array(np.float32(0.01), "ws"), numpy_helper.from_array(np.array(right_zp, right_dtype), "wz"),
+             numpy_helper.from_array(np.float32(0.1), "xs"), numpy_helper.from_array(np.array(0, left_dtype), "xz")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wd"]),
+             helper.make_node("MatMul", ["xd", "wd"], ["y"], name="product")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 4, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 4, n])], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    proto.ir_version = 10
+    return proto
+
+
+def test_check_integer_products_refuses_a_saturating_encoding():
+    codes = np.full((64, 8), 127, np.int64)
+    with pytest.raises(ValueError, match=r"product: uint8 x int8 .*can reach \(-?\d+, 64770\).*int16"):
+        check_integer_products(_qdq_matmul_graph(np.int8, codes, np.int8, 0))  # int8 left: shifted to 0..255
+    with pytest.raises(ValueError, match="saturates"):
+        check_integer_products(_qdq_matmul_graph(np.uint8, codes, np.int8, 0))
+    assert check_integer_products(_qdq_matmul_graph(np.uint8, codes, np.uint8, 128))["product"]["kernel"] == "u8u8"
+    small = check_integer_products(_qdq_matmul_graph(np.uint8, np.full((64, 8), 64, np.int64), np.int8, 0))
+    assert small["product"] == {"left": ["uint8", 0, 255], "right": ["int8", 64, 64], "kernel": "u8s8",
+                                "pair_sum": [0, 32640]}
+
+
+needs_qemu = pytest.mark.skipif(qemu() is None, reason="qemu-x86_64 (package qemu-user) on x86-64 emulates an AVX2 CPU")
+
+
+@needs_qemu
+def test_avx2_cpu_gives_the_same_integer_results(tmp_path):
+    """onnxruntime on an emulated AVX2 CPU without VNNI (qemu -cpu Haswell) gives the logits it
+    gives on this CPU, for a W8A8 (uint8 x uint8) and a W4A4 (uint8 x int8) export; the control,
+    a graph relying on a saturating pair, comes out wrong there (so the emulated CPU is one
+    whose kernel saturates)."""
+    for name, kw, tol in (("w8a8", {}, {}), ("w4a4", dict(w_bits=4, a_bits=4, softmax_unsigned=True),
+                                                 dict(min_agree=0.9, max_rel=0.5))):  # see test_4bit_clip_exact_graph
+        model = quantized_tiny(**kw)
+        x = images(32, seed=11)
+        path = tmp_path / f"{name}.onnx"
+        export_onnx(model, path)
+        native = run_on_cpu(path, x)
+        emulated = run_on_cpu(path, x, cpu="Haswell", timeout=300)
+        np.testing.assert_array_equal(emulated, native)
+        compare(emulated, ms_logits(model, x), **tol)
+    control = tmp_path / "control.onnx"
+    onnx.save(_qdq_matmul_graph(np.int8, np.full((64, 8), 127, np.int64), np.int8, 0), str(control))
+    x = np.full((2, 4, 64), 12.7, np.float32)  # code 127 (shifted to 255) times 127, 64 times
+    want = 127 * 127 * 64 * np.float32(0.1 * 0.01)
+    np.testing.assert_allclose(run_on_cpu(control, x), want, rtol=1e-5)  # exact with VNNI (this CPU)
+    if not np.allclose(run_on_cpu(control, x), want, rtol=1e-5):
+        pytest.skip("this CPU saturates too")
+    assert not np.allclose(run_on_cpu(control, x, cpu="Haswell", timeout=300), want, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------- errors

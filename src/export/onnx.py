@@ -3,20 +3,23 @@
 export_onnx builds the graph by hand from the model's parameters and intervals (MindSpore's
 own exporter fails on the exact, erf-based GELU). Quantized layers are written in QDQ form:
 
-    weight:     int8 codes (in, out) -> DequantizeLinear (per tensor, or per output channel: axis 1)
-    activation: [Clip to [qmin·Δ, qmax·Δ] below 8 bits] -> QuantizeLinear -> DequantizeLinear
+    weight:     codes (in, out) -> DequantizeLinear (per tensor, or per output channel: axis 1)
+    activation: [Clip to the grid] -> QuantizeLinear -> DequantizeLinear
 
-with zero point 0, int8 for signed operands and uint8 for unsigned ones (the softmax output
-with softmax_unsigned). onnxruntime's QDQ optimizer (ORT_ENABLE_ALL) turns every quantized
-product into an integer kernel on the CPU (MatMulIntegerToFloat; QLinearMatMul for attn·V,
-whose requantization it merges with the next layer's QuantizeLinear) after shifting int8
-activations to uint8 with zero point 128 itself. The codes are those of the fake-quantized
-model, clip(round(x / Δ), qmin, qmax), round half to even on both sides; the sums are exact
-int32 where MindSpore sums floats, so a value lying within float rounding of a rounding
-boundary can get the neighbouring code (tests/test_onnx.py bounds the difference; the
-README gives the embedded test split's top-1 of both). Operands wider than 8 bits (mixed precision can give
-9 or 10) use int16 / uint16 QDQ (opset 21): same codes, but onnxruntime runs that product
-in float32. LayerNorm, softmax, GELU, residuals and an unquantized head stay float.
+The stored values are the fake-quantized model's codes clip(round(x / Δ), qmin, qmax) (round
+half to even on both sides), shifted so that no integer kernel of onnxruntime can saturate on
+any CPU (see "integer encodings" below): the left operand of every product is uint8 from 0
+(zero point -qmin), a weight int8 where check_integer_products proves that two adjacent
+products sum within int16, else uint8 (zero point -qmin), and K and V uint8 (zero point -qmin). onnxruntime's QDQ
+optimizer (ORT_ENABLE_ALL) turns every quantized product into an integer kernel on the CPU
+(MatMulIntegerToFloat; QLinearMatMul for attn·V, whose requantization it merges with the next
+layer's QuantizeLinear). The sums are exact int32 where MindSpore sums floats, so a value
+lying within float rounding of a rounding boundary can get the neighbouring code
+(tests/test_onnx.py bounds the difference). Operands wider than 8 bits (mixed precision can
+give 9 or 10) use int16 / uint16 QDQ (opset 21): same codes, but onnxruntime runs that
+product in float32. LayerNorm, softmax, GELU, residuals and an unquantized head stay float.
+The metadata key `integer_products` records each product's stored ranges, kernel class and
+pair-sum bound.
 
 vtptq_plus grids: the asymmetric post-GELU grid of mlp.fc2 is QDQ with its zero point (uint8),
 so fc2 stays an integer kernel; a log2 / log√2 softmax grid has no onnxruntime kernel and is
@@ -42,6 +45,64 @@ INPUT, OUTPUT = "input", "logits"
 def _layer_bits(qcells):
     """{layer: {operand: {bits, signed}}} (metadata)."""
     return {name: {op: getattr(cell, f"{op}_q").as_dict() for op in cell.operands} for name, cell in qcells}
+
+
+# ----------------------------------------------------------------------------- 16-bit pair sums
+def _stored_range(name, producer, inits):
+    """(dtype, lo, hi) of the stored values behind a DequantizeLinear output `name` (None if
+    `name` is not one): an initializer's actual codes, else QuantizeLinear's type range narrowed
+    by a constant Clip in front of it."""
+    dq = producer.get(name)
+    if dq is None or dq.op_type != "DequantizeLinear":
+        return None
+    dtype = inits[dq.input[2]].dtype
+    if dq.input[0] in inits:
+        v = inits[dq.input[0]]
+        return dtype, int(v.min()), int(v.max())
+    qn = producer[dq.input[0]]
+    lo, hi = int(np.iinfo(dtype).min), int(np.iinfo(dtype).max)
+    clip = producer.get(qn.input[0])
+    if clip is not None and clip.op_type == "Clip":
+        s, z = np.float32(inits[qn.input[1]]), int(inits[qn.input[2]])
+        lo = max(lo, int(np.rint(np.float32(inits[clip.input[1]]) / s)) + z)
+        hi = min(hi, int(np.rint(np.float32(inits[clip.input[2]]) / s)) + z)
+    return dtype, lo, hi
+
+
+def check_integer_products(proto):
+    """Prove, for every MatMul of two DequantizeLinear outputs in an ONNX graph, that no integer
+    kernel of onnxruntime can saturate: {matmul name: {left, right, kernel, pair_sum}}.
+
+    left / right: [dtype, lo, hi] of the stored values. kernel: 'u8s8' (int8 right operand;
+    the graph relies on the sum of two adjacent products fitting int16, which `pair_sum` bounds,
+    with an int8 left operand counted as onnxruntime shifts it, +128), 'u8u8' (exact on every
+    CPU) or 'float' (a 16-bit operand: onnxruntime dequantizes). A u8s8 product whose pair sum
+    can leave int16 is a ValueError naming it."""
+    from onnx import numpy_helper
+    inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    report = {}
+    for node in proto.graph.node:
+        if node.op_type != "MatMul":
+            continue
+        left, right = (_stored_range(i, producer, inits) for i in node.input)
+        if left is None or right is None:
+            continue
+        entry = {"left": [left[0].name, left[1], left[2]], "right": [right[0].name, right[1], right[2]]}
+        if left[0].itemsize > 1 or right[0].itemsize > 1:
+            entry["kernel"] = "float"
+        elif right[0] == np.uint8:
+            entry["kernel"] = "u8u8"
+        else:
+            left_max = left[2] + (128 if left[0] == np.int8 else 0)
+            bounds = pair_sum_range(left_max, right[1], right[2])
+            entry.update(kernel="u8s8", pair_sum=list(bounds))
+            if not fits_int16(bounds):
+                raise ValueError(f"{node.name}: uint8 x int8 product whose sum of two adjacent products can reach "
+                                 f"{bounds} (left values up to {left_max}, right {right[1]}..{right[2]}); "
+                                 f"onnxruntime's non-VNNI kernel saturates it at int16 {INT16}")
+        report[node.name] = entry
+    return report
 
 
 # ----------------------------------------------------------------------------- graph builder
@@ -77,19 +138,69 @@ def _q_dtype(bits, signed):
     return np.int16 if signed else np.uint16
 
 
-def _qdq_activation(g, x, scale, q, prefix, zero_point=0):
-    """x -> [Clip] -> QuantizeLinear -> DequantizeLinear with a per-tensor interval `scale` (and,
-    for an asymmetric grid, its zero point); a log2 / log√2 grid is written with float ops."""
+# ----------------------------------------------------------------------------- integer encodings
+# onnxruntime's CPU kernels multiply the stored 8-bit values of the two operands of an integer
+# product (the zero points are applied afterwards, through row and column sums). Its uint8 x
+# int8 kernel on x86 without VNNI (AVX2, AVX-512 without VNNI) uses vpmaddubsw, which adds two
+# adjacent products in saturating 16-bit arithmetic: 255·127·2 does not fit. uint8 x uint8
+# widens both to 16 bits (vpmaddwd, exact in int32), and VNNI and ARM64 dot products sum in
+# int32. So the export writes the left operand of every product as uint8 whose lowest code is
+# 0 (zero point -qmin + z), and the right operand as int8 only where the worst-case sum of two
+# adjacent products provably fits int16 (check_integer_products), else as uint8 (zero point
+# -qmin + z). Both are the fake-quant model's codes, shifted; no value changes.
+INT16 = (-32768, 32767)
+
+
+def pair_sum_range(left_max, right_lo, right_hi):
+    """(lowest, highest) sum of two adjacent products l0·r0 + l1·r1 with stored left values in
+    [0, left_max] (uint8) and stored right values in [right_lo, right_hi]."""
+    return 2 * int(left_max) * min(int(right_lo), 0), 2 * int(left_max) * max(int(right_hi), 0)
+
+
+def fits_int16(bounds):
+    return INT16[0] <= bounds[0] and bounds[1] <= INT16[1]
+
+
+class _Codes:
+    """How one operand of a product is stored: numpy dtype, zero point (int, or an array per
+    output channel of a weight) and the range [lo, hi] of the stored values."""
+
+    def __init__(self, dtype, zero_point, lo, hi):
+        self.dtype, self.zero_point, self.lo, self.hi = dtype, zero_point, int(lo), int(hi)
+
+
+def _left_codes(q, z=0):
+    """Left operand (activation) on the grid of quantizer q with zero point z: uint8 from 0 when
+    the grid has at most 2^8 levels, else its 16-bit type (onnxruntime then runs the product in float)."""
+    if q.bits > 8:
+        dtype = _q_dtype(q.bits, q.signed)
+        return _Codes(dtype, z, q.qmin, q.qmax)
+    return _Codes(np.uint8, z - q.qmin, 0, q.qmax - q.qmin)
+
+
+def _right_codes(q, lo, hi, left, z=0, weight=True):
+    """Right operand whose codes lie in [lo, hi] (grid of q): a weight is int8 where no pair of
+    products with the left operand can leave int16, else uint8 from 0; an activation (K, V) is
+    uint8 from 0 (onnxruntime would shift an int8 one to uint8 itself)."""
+    if q.bits > 8 or left.dtype != np.uint8:
+        return _Codes(_q_dtype(q.bits, q.signed), z, lo + z, hi + z)
+    if weight and q.signed and fits_int16(pair_sum_range(left.hi, lo + z, hi + z)):
+        return _Codes(np.int8, z, lo + z, hi + z)
+    return _Codes(np.uint8, z - q.qmin, lo - q.qmin, hi - q.qmin)
+
+
+def _qdq_activation(g, x, scale, q, prefix, codes):
+    """x -> [Clip] -> QuantizeLinear -> DequantizeLinear with a per-tensor interval `scale`,
+    stored as `codes` (_Codes); a log2 / log√2 grid is written with float ops."""
     if q.inv_step > 0:
         return _log_quant(g, x, scale, q, prefix)
-    dtype = _q_dtype(q.bits, q.signed)
+    dtype, zs = codes.dtype, int(codes.zero_point)
     s = np.float32(np.asarray(scale, np.float32).reshape(-1)[0])
-    z = int(round(float(np.asarray(zero_point).reshape(-1)[0])))
     info = np.iinfo(dtype)
-    if (q.qmin, q.qmax) != (info.min, info.max):  # narrower grid than the storage type: clip first
-        x = g.op("Clip", [x, g.const(f"{prefix}.clip_min", np.float32(q.qmin - z) * s),
-                          g.const(f"{prefix}.clip_max", np.float32(q.qmax - z) * s)], prefix)
-    sc, zp = g.const(f"{prefix}.scale", s), g.const(f"{prefix}.zero_point", z, dtype)
+    if (codes.lo, codes.hi) != (info.min, info.max):  # narrower grid than the storage type: clip first
+        x = g.op("Clip", [x, g.const(f"{prefix}.clip_min", np.float32(codes.lo - zs) * s),
+                          g.const(f"{prefix}.clip_max", np.float32(codes.hi - zs) * s)], prefix)
+    sc, zp = g.const(f"{prefix}.scale", s), g.const(f"{prefix}.zero_point", zs, dtype)
     return g.op("DequantizeLinear", [g.op("QuantizeLinear", [x, sc, zp], prefix), sc, zp], prefix)
 
 
@@ -123,16 +234,18 @@ def _linear(g, x, weight, bias, prefix, cell=None):
         from ..quant.quantizer import quantize_np
         w_scale = cell.get_scale("w")
         codes = quantize_np(weight, w_scale.reshape((-1,) + (1,) * (weight.ndim - 1)), cell.w_q.bits, cell.w_q.signed)
-        dtype = _q_dtype(cell.w_q.bits, cell.w_q.signed)
+        a_zp = int(round(float(cell.a_zero_point.asnumpy().reshape(-1)[0]))) if getattr(cell, "asym", False) else 0
+        left = _left_codes(cell.a_q, a_zp)
+        right = _right_codes(cell.w_q, codes.min(), codes.max(), left)
         # MatMul takes the weight as (in, out): the per-channel axis (output channels) becomes 1
         w_scale = w_scale.reshape(-1).astype(np.float32)
         per_channel = w_scale.size > 1
         sc = g.const(f"{prefix}.w_scale", w_scale if per_channel else w_scale[0])
-        zp = g.const(f"{prefix}.w_zero_point", np.zeros(w_scale.size, dtype) if per_channel else 0, dtype)
-        wq = g.const(f"{prefix}.weight_int", codes.T, dtype)
+        zp = g.const(f"{prefix}.w_zero_point", np.full(w_scale.size, right.zero_point) if per_channel
+                     else right.zero_point, right.dtype)
+        wq = g.const(f"{prefix}.weight_int", codes.T + right.zero_point, right.dtype)
         w = g.op("DequantizeLinear", [wq, sc, zp], prefix, **({"axis": 1} if per_channel else {}))
-        zp = cell.a_zero_point.asnumpy() if getattr(cell, "asym", False) else 0
-        x = _qdq_activation(g, x, cell.get_scale("a"), cell.a_q, f"{prefix}.a", zp)
+        x = _qdq_activation(g, x, cell.get_scale("a"), cell.a_q, f"{prefix}.a", left)
         y = g.op("MatMul", [x, w], prefix)
     if bias is not None:
         # With a fixed batch (static shapes), onnxruntime's MatMulAddFusion rewrites MatMul + 1-D
@@ -160,8 +273,10 @@ def _matmul(g, a, b, cell, prefix, quantized):
     """attn.matmul1 / matmul2 (b is already transposed for Q·Kᵀ)."""
     from ..quant.layers import QuantMatMul
     if quantized and isinstance(cell, QuantMatMul):
-        a = _qdq_activation(g, a, cell.get_scale("a"), cell.a_q, f"{prefix}.a")
-        b = _qdq_activation(g, b, cell.get_scale("b"), cell.b_q, f"{prefix}.b")
+        left = _left_codes(cell.a_q)
+        a = _qdq_activation(g, a, cell.get_scale("a"), cell.a_q, f"{prefix}.a", left)
+        b = _qdq_activation(g, b, cell.get_scale("b"), cell.b_q, f"{prefix}.b",
+                            _right_codes(cell.b_q, cell.b_q.qmin, cell.b_q.qmax, left, weight=False))
     return g.op("MatMul", [a, b], prefix)
 
 
@@ -282,6 +397,8 @@ def export_onnx(model, path, batch_size=None, model_name=None, quantized=True):
             "quantized": json.dumps(bool(quantized)),
             "layer_bits": json.dumps(_layer_bits(qcells) if quantized else {})}
     helper.set_model_props(proto, meta)
+    meta["integer_products"] = json.dumps(check_integer_products(proto))
+    helper.set_model_props(proto, meta)
     onnx.checker.check_model(proto)
     _save_atomic(proto, path)
     return proto
@@ -378,4 +495,4 @@ class OnnxModel:
         return ms.Tensor(self.session.run(None, {self.input_name: x})[0])
 
 
-__all__ = ["export_onnx", "OnnxModel", "onnx_model_name", "onnx_metadata"]
+__all__ = ["export_onnx", "OnnxModel", "onnx_model_name", "onnx_metadata", "check_integer_products"]
