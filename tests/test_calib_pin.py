@@ -1,8 +1,8 @@
 """Calibration speed work must not move any result: vtptq's intervals and bias corrections on a
 tiny random ViT (with the ranking loss over sampled pairs and over all pairs, bias correction
-on, per-tensor and per-channel weights, default and tiny chunk sizes) equal, bit for bit, the
-ones pinned in calib_pin.json, which the code of commit fdfbc73 (before the speed work)
-produced. And the all-pairs ranking loss equals the formulation of that commit
+on, per-tensor and per-channel weights, default and tiny chunk sizes) equal, within the float
+tolerance stated below (on every CPU), the ones pinned in calib_pin.json, which the code of
+commit fdfbc73 (before the speed work) produced. And the all-pairs ranking loss equals the formulation of that commit
 (vtptq.ranking_loss_reference) to 1e-12 on random data with ties.
 
 Regenerate the pin (only from the code whose results are the reference):
@@ -68,6 +68,39 @@ def calibrated(name):
     return scales, history
 
 
+# The pin is of the method, not of one CPU's float kernels: numpy's OpenBLAS picks its sgemm
+# by CPU (OPENBLAS_CORETYPE) and MindSpore's oneDNN by instruction set (DNNL_MAX_CPU_ISA), which
+# moves the bias corrections and objectives in their last bits. So every interval and bias
+# correction must match to RTOL relative to the largest magnitude of its array (a real change
+# moves an interval by a whole candidate step, 1 % or more), and the objective of each round to
+# OBJECTIVE_ATOL. The rounds of a layer stop when the objective stops improving; a round whose
+# improvement is below OBJECTIVE_ATOL is decided by float noise (a repeated bias correction at the
+# same intervals), so histories are compared up to their first such round.
+# Measured against the pin (written on an AVX-512 CPU), under OPENBLAS_CORETYPE=Haswell,
+# Sandybridge and Prescott with DNNL_MAX_CPU_ISA=AVX2, and Nehalem with SSE41: intervals
+# identical, bias corrections within 5.0e-6 of their array's largest magnitude, objectives
+# within 3.3e-8 (AVX2) and 5.1e-6 (SSE4.1: a 4-bit code at a tie flips in the first objective);
+# bias corrections within 6.7e-6 under SSE4.1.
+RTOL = 1e-5
+OBJECTIVE_ATOL = 1e-5
+
+
+def settled(history, tol=OBJECTIVE_ATOL):
+    """history up to and including its first round that improves the best value by <= tol."""
+    best = history[0]
+    for i, value in enumerate(history[1:], 1):
+        if value - best <= tol:
+            return history[:i + 1]
+        best = value
+    return history
+
+
+def assert_pinned(got, want, what):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    assert got.shape == want.shape, what
+    np.testing.assert_allclose(got, want, rtol=0, atol=RTOL * np.abs(want).max(), err_msg=what)
+
+
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_intervals_and_bias_corrections_match_pin(name):
     with open(PIN, encoding="utf-8") as f:
@@ -77,14 +110,28 @@ def test_intervals_and_bias_corrections_match_pin(name):
     for layer, ops in pin["scales"].items():
         assert scales[layer].keys() == ops.keys(), layer
         for op, values in ops.items():
-            # float32 values written as Python floats (exact): compare the float32 bits
-            got = np.asarray(scales[layer][op], np.float32).view(np.uint32)
-            want = np.asarray(values, np.float32).view(np.uint32)
-            np.testing.assert_array_equal(got, want, err_msg=f"{name} {layer} {op}")
+            assert_pinned(scales[layer][op], values, f"{name} {layer} {op}")
     assert any("bias_corr" in ops for ops in pin["scales"].values())  # bias correction was exercised
     assert history.keys() == pin["objective"].keys()
-    for layer, values in pin["objective"].items():  # the objective of each round, to 1e-12
-        np.testing.assert_allclose(history[layer], values, rtol=0, atol=1e-12, err_msg=f"{name} {layer}")
+    for layer, values in pin["objective"].items():
+        got, want = settled(history[layer]), settled(values)
+        assert len(got) == len(want), f"{name} {layer}: rounds {history[layer]} against the pin's {values}"
+        np.testing.assert_allclose(got, want, rtol=0, atol=OBJECTIVE_ATOL, err_msg=f"{name} {layer}")
+
+
+def test_pin_comparison_sees_a_one_step_change():
+    """A change of 1 % in an interval (less than a candidate step) or of 1e-3 of the largest bias correction fails."""
+    with open(PIN, encoding="utf-8") as f:
+        ops = json.load(f)["w4a4_pairs8"]["scales"]["blocks.0.attn.proj"]
+    a = np.asarray(ops["a"])
+    with pytest.raises(AssertionError):
+        assert_pinned(a * 1.01, a, "interval")
+    corr = np.asarray(ops["bias_corr"])
+    with pytest.raises(AssertionError):
+        assert_pinned(corr + np.eye(1, len(corr))[0] * 1e-3 * np.abs(corr).max(), corr, "bias")
+    assert_pinned(corr * (1 + 1e-7), corr, "bias")
+    assert settled([0.5, 0.6, 0.6 + 1e-12, 0.7]) == [0.5, 0.6, 0.6 + 1e-12]
+    assert settled([0.5, 0.6]) == [0.5, 0.6]
 
 
 @pytest.mark.parametrize("t,heads,cands,n,tie_kind", [(17, 2, 5, 3, "columns"), (30, 1, 4, 2, "rows"),
