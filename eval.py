@@ -48,7 +48,7 @@ def main(cfg):
         check_writable_file(cfg.get("save_predictions"), "--save-predictions")
     # the data first: a model/data mismatch or a missing folder fails before a large model is built
     dataset = build_eval_dataset(cfg, get_data_config(cfg["model"]))
-    shard_indices(len(dataset), dist.rank, dist.size)  # more workers than images: an error now
+    shard_indices(len(dataset), dist.rank, dist.size, cfg["batch_size"])  # more workers than batches: an error now
     # the run is written into a new folder beside OUTPUT and swapped in when it ends well
     # (rank 0 only); a failure leaves OUTPUT as it was (src.utils.RunOutput)
     with RunOutput(output_dir(cfg, "eval"), enabled=dist.is_main) as out:

@@ -109,7 +109,7 @@ def fp_reference(cfg, dataset, model_fn):
 def main(cfg):
     """Quantize per the resolved config dict; returns the result dict (also OUTPUT/result.json)."""
     from src.data.build import build_eval_dataset, load_calibration_images
-    from src.distributed import calibration_shard_indices, init_distributed, shard_indices
+    from src.distributed import init_distributed, shard_indices
     from src.engine import quantized_checkpoint_model, setup_context
     from src.models import get_data_config
     from src.quant.calibrate import METHODS, is_shardable
@@ -142,13 +142,11 @@ def main(cfg):
     dist = init_distributed(cfg["device_target"])  # msrun workers: rank, size; else a group of one
     data_cfg = get_data_config(cfg["model"])
     dataset = build_eval_dataset(cfg, data_cfg)
-    shard_indices(len(dataset), dist.rank, dist.size)  # more workers than images: an error now
+    shard_indices(len(dataset), dist.rank, dist.size, cfg["batch_size"])  # more workers than batches: an error now
     shardable = is_shardable(METHODS[cfg["method"]])
     if cfg.get("mixed_precision"):
         from src.quant.mixed_precision import is_shardable as mp_shardable
         shardable = shardable and mp_shardable(cfg)
-    if shardable:
-        calibration_shard_indices(cfg["calib_num"], dist.rank, dist.size)  # and of calibration images
     # the run is written into a new folder beside OUTPUT and swapped in when it ends well
     # (rank 0 only); a failure leaves OUTPUT as it was (src.utils.RunOutput)
     with RunOutput(output_dir(cfg, "quant"), enabled=dist.is_main) as out:
@@ -161,7 +159,8 @@ def _quantize(cfg, dataset, calib_images, shardable, dist, out):
     shard when `shardable`), checkpoint, quantized evaluation; files go to `out` (a RunOutput)."""
     import numpy as np
     from src.data.build import data_description
-    from src.distributed import all_gather, calibration_shard, evaluate_sharded, gather_counts, sync_calibration
+    from src.distributed import (all_gather, calibration_shard, evaluate_sharded, gather_counts, sharding_calibration,
+                                 sync_calibration)
     from src.engine import build_model, resolve_checkpoint
     from src.quant import calibrate_model, layer_report, model_size_mb, quantize_model, save_quantized_checkpoint
     from src.quant.convert import freeze_weights
@@ -176,7 +175,8 @@ def _quantize(cfg, dataset, calib_images, shardable, dist, out):
 
     t0, cpu0 = time.time(), time.process_time()
     layer_bits, mp_report, mp_target_mb = None, None, None
-    with calibration_shard(calib_images, shardable) as my_images:  # under msrun: this rank's shard
+    with calibration_shard(calib_images, shardable, batch_size=cfg["calib_batch_size"]) as my_images:
+        sharded = sharding_calibration()  # under msrun: this rank's whole calibration batches
         if cfg.get("mixed_precision"):
             layer_bits, mp_report, mp_target_mb = mixed_precision_bits(cfg, my_images, lambda: build_model(cfg))
         model = build_model(cfg)  # a fresh instance: the FP one may hold a compiled graph
@@ -201,7 +201,7 @@ def _quantize(cfg, dataset, calib_images, shardable, dist, out):
               **{k: res[k] for k in EVAL_FIELDS}, "device_target": cfg["device_target"], "mode": cfg["mode"],
               "method": cfg["method"], "w_bits": cfg["w_bits"], "a_bits": cfg["a_bits"],
               "fp_top1": fp["top1"], "fp_top5": fp["top5"], "calib_num": len(calib_images),
-              "calib_shards": dist.size if shardable else 1, "calib_images_per_rank": calib_per_rank,
+              "calib_shards": dist.size if sharded else 1, "calib_images_per_rank": calib_per_rank,
               "calib_seconds": calib_seconds, "calib_cpu_seconds": calib_cpu_seconds,
               "model_size_mb": model_size_mb(model), "fp_model_size_mb": fp_size,
               "quantized_checkpoint": ckpt_path, **{k: cfg[k] for k in SWITCHES},

@@ -4,22 +4,26 @@
 
 A process started by msrun (MS_WORKER_NUM / MS_ROLE in its environment) joins the
 communication group in `init_distributed`; any other process is a group of one and never
-touches mindspore.communication. Each worker evaluates a contiguous shard of the data set
-(`shard_indices`: shards differ in size by at most one image, none counted twice or left
-out); counts are combined with AllReduce and predictions with AllGather, so top-1/top-5 are
-those of a single-process run whatever the number of workers. Rank 0 alone writes files.
+touches mindspore.communication. Each worker evaluates a contiguous run of whole batches of
+the data set (`shard_indices`): every batch it forwards holds the same images, in the same
+order and with the same zero padding, as the batch of a single-process run, so its logits are
+the same bits even on CPUs whose kernels round differently with the batch's composition (oneDNN
+on AVX2). Counts are combined with AllReduce and predictions with AllGather, so top-1/top-5 and
+every probability are those of a single-process run whatever the number of workers (at most
+one per batch). Rank 0 alone writes files.
 
 Calibration (`calibration_shard`): with a method that can shard (`Method.shardable`), each
-worker forwards only its contiguous shard of the calibration images, and every quantity
+worker forwards only its run of whole calibration batches (the same rule), and every quantity
 that a method reduces over samples goes through `gather_samples` (concatenate a per-sample
 array over ranks in rank order) or `max_over_samples`; every rank then reduces the gathered
-values in the single-process order, so the intervals equal the single-process ones (bit
-for bit on CPU, where a forward pass of 64 images equals two of 32). Outside a sharded
-calibration, and in a single process, both are the identity, so the single-process path is
-the one-rank case of the same code. A method that cannot shard calibrates on all images on
-every rank. Afterwards every rank takes rank 0's calibration state (bits, intervals and
-corrected biases, `sync_calibration`), so all ranks evaluate the same quantized model even if
-a kernel were to round differently in another process (`calibration_rank_max_diff`).
+values in the single-process order, so the intervals equal the single-process ones bit for
+bit. With fewer calibration batches than workers (the default 32 images in one batch of 32),
+or a method that cannot shard, every rank calibrates on all images: the same intervals, no
+speed-up. Outside a sharded calibration, and in a single process, both reductions are the
+identity, so the single-process path is the one-rank case of the same code. Afterwards every
+rank takes rank 0's calibration state (bits, intervals and corrected biases,
+`sync_calibration`), so all ranks evaluate the same quantized model even if a kernel were to
+round differently in another process (`calibration_rank_max_diff`).
 
 MindSpore's CPU collectives carry float32 only and reduce float32 by sum only, so
 everything travels through AllGather: integers as float32 (exact below 2^24), maxima taken
@@ -92,13 +96,23 @@ def context():
     return _CONTEXT
 
 
-def shard_indices(num_items, rank, size):
-    """Contiguous shard `rank` of range(num_items) for `size` workers; sizes differ by at most 1."""
-    if size > num_items:
-        raise ValueError(f"{size} workers for {num_items} images: every worker needs at least one image; "
-                         f"launch at most {num_items} workers")
-    start, stop = num_items * rank // size, num_items * (rank + 1) // size
-    return np.arange(start, stop)
+def num_batches(num_items, batch_size):
+    return -(-int(num_items) // int(batch_size))
+
+
+def shard_indices(num_items, rank, size, batch_size=1):
+    """Indices of the images worker `rank` of `size` takes: a contiguous run of whole batches of
+    `batch_size`, cut where one process cuts range(num_items), so every batch a worker forwards
+    holds the same images, in the same order and with the same padding, as in one process (and
+    its logits are the same bits, even where a kernel depends on the batch's composition).
+    Workers' batch counts differ by at most one; fewer batches than workers is a ValueError."""
+    batches = num_batches(num_items, batch_size)
+    if size > batches:
+        raise ValueError(f"{size} workers for {num_items} images in {batches} batch{'es' if batches != 1 else ''} of "
+                         f"{batch_size}: every worker needs at least one whole batch; launch at most {batches} "
+                         f"workers{' or lower the batch size' if batch_size > 1 else ''}")
+    first, stop = batches * rank // size, batches * (rank + 1) // size
+    return np.arange(first * batch_size, min(stop * batch_size, num_items))
 
 
 def all_gather(array):
@@ -210,21 +224,25 @@ def local_reductions():
 
 
 @contextlib.contextmanager
-def calibration_shard(images, shardable=True, log=None):
-    """Yield the calibration images this rank forwards: its contiguous shard under msrun when
-    `shardable` (gather_samples / max_over_samples then combine over ranks until the block
-    ends), else all of them. Each rank logs its shard (or that the method cannot shard)."""
+def calibration_shard(images, shardable=True, log=None, batch_size=None):
+    """Yield the calibration images this rank forwards: under msrun, when `shardable` and there
+    are at least as many batches of `batch_size` as workers, its run of whole batches
+    (calibration_shard_indices; gather_samples / max_over_samples then combine over ranks until
+    the block ends), else all of them. Each rank logs its shard (or why it has all images)."""
     global _SHARDED, _SHARD_START
     ctx, log = _CONTEXT, log or sys.stdout
     if not ctx.enabled:
         yield images
         return
-    if not shardable:
-        print("calibration shard: this method cannot shard its calibration yet; every rank calibrates on all "
-              f"{len(images)} images", file=log, flush=True)
+    batch_size = int(batch_size or len(images))
+    idx = calibration_shard_indices(len(images), ctx.rank, ctx.size, batch_size) if shardable else None
+    if idx is None:
+        why = ("this method cannot shard its calibration yet" if not shardable else
+               f"{len(images)} images make {num_batches(len(images), batch_size)} batch(es) of {batch_size} for "
+               f"{ctx.size} workers (a shard is whole batches; a smaller calib_batch_size shards them)")
+        print(f"calibration shard: {why}; every rank calibrates on all {len(images)} images", file=log, flush=True)
         yield images
         return
-    idx = calibration_shard_indices(len(images), ctx.rank, ctx.size)
     print(f"calibration shard: images {idx[0]}-{idx[-1]} of {len(images)}", file=log, flush=True)
     _SHARDED, _SHARD_START = True, int(idx[0])
     try:
@@ -233,12 +251,13 @@ def calibration_shard(images, shardable=True, log=None):
         _SHARDED, _SHARD_START = False, 0
 
 
-def calibration_shard_indices(num_images, rank, size):
-    """shard_indices for calibration images; more workers than images is a ValueError."""
-    if size > num_images:
-        raise ValueError(f"calib_num is {num_images}: {size} workers need at least one calibration image each; "
-                         f"launch at most {num_images} workers or raise calib_num")
-    return shard_indices(num_images, rank, size)
+def calibration_shard_indices(num_images, rank, size, batch_size):
+    """shard_indices of the calibration images in batches of `batch_size`, or None when there
+    are fewer batches than workers (every rank then calibrates on all images: the same
+    batches as one process, so the same intervals, without the speed-up)."""
+    if size > num_batches(num_images, batch_size):
+        return None
+    return shard_indices(num_images, rank, size, batch_size)
 
 
 def gather_counts(count):
@@ -256,7 +275,7 @@ def evaluate_sharded(model, dataset, batch_size, num_workers=2, keep_predictions
     if not ctx.enabled:
         return evaluate(model, dataset, batch_size, num_workers=num_workers, keep_predictions=keep_predictions,
                         desc=desc)
-    shard = shard_indices(len(dataset), ctx.rank, ctx.size)
+    shard = shard_indices(len(dataset), ctx.rank, ctx.size, batch_size)
     local = evaluate(model, dataset, batch_size, num_workers=num_workers, keep_predictions=keep_predictions,
                      desc=f"{desc} [rank {ctx.rank}/{ctx.size}: images {shard[0]}-{shard[-1]}]", indices=shard,
                      allow_empty=True)

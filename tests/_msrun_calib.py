@@ -1,5 +1,5 @@
 """Worker of tests/test_distributed.py: calibrates a tiny ViT with each given method on this
-rank's shard of the calibration images (src.distributed.calibration_shard) and, on rank 0,
+rank's shard (whole batches) of the calibration images (src.distributed.calibration_shard) and, on rank 0,
 saves each method's calibration state and the mixed-precision reports (the paper's criterion
 and `refined`) to OUT (.npz). A METHOD may be a variant of VARIANTS (a method with switches).
 
@@ -57,7 +57,7 @@ def run(out, num, methods, mp):
         cfg = config(method)
         model = randomize(VisionTransformer(**TINY), seed=0)
         quantize_model(model, cfg)
-        with calibration_shard(images, is_shardable(METHODS[cfg["method"]])) as mine:
+        with calibration_shard(images, is_shardable(METHODS[cfg["method"]]), batch_size=cfg["calib_batch_size"]) as mine:
             calibrate_model(model, mine, cfg, log=io.StringIO())
         saved[method] = calibration_state(model)
         counts[method] = gather_counts(len(mine))
@@ -65,13 +65,13 @@ def run(out, num, methods, mp):
         cfg = config("vtptq", mixed_precision=True, mp_target="4MP", mp_min_bits=4, max_rounds=1)
         model = randomize(VisionTransformer(**dict(TINY, depth=1)), seed=0)  # 2 modules, widths 4, 5, 6
         quantize_model(model, cfg)
-        with calibration_shard(images, True) as mine:
+        with calibration_shard(images, True, batch_size=cfg["calib_batch_size"]) as mine:
             report = search_bits(model, mine, cfg, log=io.StringIO())
         saved["mp_omega"] = np.array([v for m in sorted(report["omega"]) for v in report["omega"][m].values()])
         saved["mp_sensitivity"] = np.array([report["sensitivity"][m] for m in sorted(report["sensitivity"])])
         counts["mp_modules"] = report["modules"]
         cfg = dict(cfg, mp_criterion="refined")
-        with calibration_shard(images, True) as mine:
+        with calibration_shard(images, True, batch_size=cfg["calib_batch_size"]) as mine:
             report = refined_search(lambda: randomize(VisionTransformer(**dict(TINY, depth=1)), seed=0), mine, cfg,
                                     log=io.StringIO())
         saved["refined_omega"] = np.array([v for m in sorted(report["omega"]) for v in report["omega"][m].values()])
