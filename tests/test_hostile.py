@@ -317,6 +317,7 @@ def test_crop_pct_is_range_checked(capsys):
     (["--ranking-gamma", "nan"], "finite"), (["--batch-size", "100000000"], "batch_size"),
     (["--num-workers", "100000"], "num_workers"), (["--search-candidates", "10000000"], "search_candidates"),
     (["--seed", "-1"], "seed"), (["--fp-result", "{list_json}"], "not the result.json"),
+    (["--calib-num", "1000000000000"], "key 'calib_num' is 1000000000000; expected a value from 1"),
 ])
 def test_bad_values_fail_before_any_work(flags, words, tmp_path, capsys, monkeypatch):
     import src.distributed as dist
@@ -397,6 +398,19 @@ def test_deeply_nested_yaml_is_one_line(tmp_path, capsys):
         sys.setrecursionlimit(limit)
     assert eval_script.cli(["--config", str(p)]) == 2  # whichever check stops it: one line
     assert "deep.yaml" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("text, words", [
+    ("w_bits: 8\nmethod: minmax\nw_bits: 4\n", "key 'w_bits' is given twice (lines 1 and 3)"),
+    ("{a_bits: 8, a_bits: 4}\n", "key 'a_bits' is given twice (lines 1 and 1)"),
+])
+def test_duplicate_yaml_key_is_refused(tmp_path, capsys, text, words):
+    p = tmp_path / "dup.yaml"
+    p.write_text(text)
+    assert quant_script.cli(["--config", str(p), "--output", str(tmp_path / "o")]) == 2
+    line = one_error_line(capsys)
+    assert words in line and str(p) in line
+    assert not (tmp_path / "o").exists()
 
 
 def test_long_values_are_shortened_in_errors(tmp_path, capsys):
