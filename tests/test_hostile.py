@@ -343,6 +343,11 @@ def test_yaml_non_finite_value(tmp_path):
     (lambda m: m.update(num_classes=True), "'num_classes'"),
     (lambda m: m["layers"][next(iter(m["layers"]))]["a"].update(bits="8"), ".a.bits"),
     (lambda m: m["packed_weights"][next(iter(m["packed_weights"]))].update(shape=[-1]), ".shape"),
+    (lambda m: m["packed_weights"][next(iter(m["packed_weights"]))].update(shape=[100000, 100000, 100000]),
+     ".shape is [100000, 100000, 100000]; layer"),
+    (lambda m: m["layers"][next(iter(m["layers"]))]["a"].update(kind="bogus"), ".a.kind is 'bogus'; expected one of"),
+    (lambda m: m.update(num_classes=10 ** 15), "'num_classes' is 1000000000000000; expected an integer from 1 to"),
+    (lambda m: m.update(num_classes=100000), "'num_classes' is 100000 but 'head.bias' has 10 rows"),
     ("list", "JSON object"),
     ("garbage", "not UTF-8 JSON"),
 ])
@@ -358,10 +363,97 @@ def test_bad_quant_meta_is_one_line(tiny, tmp_path, capsys, edit, words):
         raw = json.dumps(meta).encode()
     bad = rewrite_meta(good, tmp_path / "bad.ckpt", raw)
     assert eval_script.cli(["--ckpt", str(bad), "--output", str(tmp_path / "e")]) == 2
-    assert words in one_error_line(capsys)
+    line = one_error_line(capsys)
+    assert words in line and str(bad) in line
     assert export_script.cli(["--ckpt", str(bad), "--format", "mindir"]) == 2
     assert words in one_error_line(capsys)
     assert not (tmp_path / "e").exists() and not (tmp_path / "bad.mindir").exists()
+
+
+def rewrite_entry(src, dst, name, value):
+    """Copy of a checkpoint with the entry `name` replaced by the numpy array `value`."""
+    params = ms.load_checkpoint(str(src))
+    entries = [{"name": k, "data": Tensor(value) if k == name else v} for k, v in params.items()]
+    assert name in params
+    ms.save_checkpoint(entries, str(dst))
+    return dst
+
+
+@pytest.mark.parametrize("which, words", [
+    ("0-d w_scale", "w_scale' has shape (); expected one interval"),
+    ("nan bias", "'blocks.0.mlp.fc1.bias' holds 1 NaN or infinite values (first nan at index [3])"),
+])
+def test_bad_quantized_entry_is_one_line(tiny, tmp_path, capsys, monkeypatch, which, words):
+    import src.distributed as dist
+    good = tiny_quantized_ckpt(tmp_path / "good.ckpt", tiny)
+    params = ms.load_checkpoint(str(good))
+    if which == "0-d w_scale":
+        name = next(k for k in params if k.endswith(".w_scale"))
+        value = np.array(0.05, np.float32)
+    else:
+        name = "blocks.0.mlp.fc1.bias"
+        value = params[name].asnumpy().copy()
+        value[3] = np.nan
+    bad = rewrite_entry(good, tmp_path / "bad.ckpt", name, value)
+    monkeypatch.setattr(dist, "evaluate_sharded", lambda *a, **k: pytest.fail("evaluation started"))
+    assert eval_script.cli(["--ckpt", str(bad), "--output", str(tmp_path / "e")]) == 2
+    line = one_error_line(capsys)
+    assert words in line and str(bad) in line
+    assert not (tmp_path / "e").exists() and not leftovers(tmp_path)
+
+
+def write_safetensors(path, header, data=b"\0" * 40):
+    raw = json.dumps(header).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data)
+    return path
+
+
+def entry(**over):
+    return {"a": {"dtype": "F32", "shape": [10], "data_offsets": [0, 40], **over}}
+
+
+@pytest.mark.parametrize("header, words", [
+    ([1, 2], "the safetensors header is a JSON list; expected an object of tensor names"),
+    (entry(data_offsets="0,40"), "tensor 'a': 'data_offsets' is '0,40'; expected [begin, end]"),
+    (entry(shape=[10.0]), "tensor 'a': 'shape' is [10.0]; expected a list of at most 8 non-negative integers"),
+    (entry(shape="ab"), "tensor 'a': 'shape' is 'ab'; expected a list"),
+    (entry(shape=[-2, -5]), "tensor 'a': 'shape' is [-2, -5]; expected a list"),
+    (entry(shape=[10 ** 9, 10 ** 9]), "tensor 'a': 'data_offsets' [0, 40] hold 40 bytes; dtype F32 and shape"),
+    (entry(dtype=["F32"]), "tensor 'a': 'dtype' is ['F32']; expected one of"),
+    ({"a": [1]}, "tensor 'a': 'entry' is [1]; expected a mapping"),
+    (entry(data_offsets=[0, 40, 80]), "'data_offsets' is [0, 40, 80]"),
+])
+def test_bad_safetensors_header_is_one_line(tiny, tmp_path, capsys, header, words):
+    bad = write_safetensors(tmp_path / "bad.safetensors", header)
+    assert eval_script.cli(["--model", tiny, "--ckpt", str(bad), "--output", str(tmp_path / "e")]) == 2
+    line = one_error_line(capsys)
+    assert words in line and str(bad) in line, line
+    assert not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize("script", ["eval", "quant"])
+def test_non_finite_weights_refused_at_load(tmp_path, capsys, monkeypatch, script):
+    import src.distributed as dist
+    from src.models.registry import default_checkpoint
+    params = ms.load_checkpoint(default_checkpoint("deit_fmnist"))
+    names = list(params)
+    first, later = names[len(names) // 2], names[-3]
+    entries = []
+    for k, v in params.items():
+        a = v.asnumpy().copy()
+        if k == first:
+            a.flat[1] = np.inf
+        if k == later:
+            a.flat[0] = np.nan
+        entries.append({"name": k, "data": Tensor(a)})
+    bad = tmp_path / "nan.ckpt"
+    ms.save_checkpoint(entries, str(bad))
+    monkeypatch.setattr(dist, "evaluate_sharded", lambda *a, **k: pytest.fail("evaluation started"))
+    cli = eval_script.cli if script == "eval" else quant_script.cli
+    assert cli(["--ckpt", str(bad), *QUICK[:4], "--output", str(tmp_path / "o")]) == 2
+    line = one_error_line(capsys)
+    assert str(bad) in line and f"'{first}' holds 1 NaN or infinite values (first inf" in line, line
+    assert not (tmp_path / "o").exists() and not leftovers(tmp_path)
 
 
 def test_not_a_checkpoint_is_one_line(tmp_path, capsys):
