@@ -319,26 +319,47 @@ def short_repr(value, limit=60):
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-_PENDING = []  # signals received and not yet acted upon
+# Signal state: 0 running, 1 a signal received and not yet acted upon, 2 Interrupted raised
+# (the run is unwinding: its `finally` blocks remove temporaries, and further signals are
+# ignored so that they cannot cut that short).
+_STATE = {"phase": 0, "signum": None, "shielded": 0}
 
 
 def _on_signal(signum, frame):
     """Remember the signal; check_interrupted raises at the next safe point. Raising here, at
     whatever bytecode runs, could land inside a MindSpore call into Python (graph compilation
     parses the model's code), where it is swallowed or turned into a compile-failure report.
-    A second signal raises at once."""
-    if _PENDING:
+    A second signal raises at once; any later one is ignored (the run is already unwinding)."""
+    phase = _STATE["phase"]
+    if phase == 0:
+        _STATE.update(phase=1, signum=signum)
+    elif phase == 1 and not _STATE["shielded"]:
+        _STATE["phase"] = 2
         raise Interrupted(signal.Signals(signum).name)
-    _PENDING.append(signum)
+
+
+@contextlib.contextmanager
+def shielded():
+    """Within the block (the swap of a run folder, the removal of temporaries) a signal is only
+    recorded, never raised at once, so the block runs to its end."""
+    _STATE["shielded"] += 1
+    try:
+        yield
+    finally:
+        _STATE["shielded"] -= 1
 
 
 def check_interrupted():
     """A safe point of the long loops (each batch, layer and candidate chunk): raise
     Interrupted if SIGINT or SIGTERM arrived since."""
-    if _PENDING:
-        signum = _PENDING.pop()
-        _PENDING.clear()
-        raise Interrupted(signal.Signals(signum).name)
+    if _STATE["phase"] == 1:
+        _STATE["phase"] = 2
+        raise Interrupted(signal.Signals(_STATE["signum"]).name)
+
+
+def interrupted():
+    """Whether SIGINT or SIGTERM arrived during this run."""
+    return _STATE["phase"] > 0
 
 
 def install_signal_handlers():
@@ -348,11 +369,21 @@ def install_signal_handlers():
     when SIGINT was ignored at start (a background job of a script). MindSpore's runtime turns
     a Ctrl-C that lands inside an operation into a SIGTERM to the process; that is why SIGTERM
     is handled the same way. Returns the previous handlers {signal: handler}."""
-    _PENDING.clear()
+    _STATE.update(phase=0, signum=None, shielded=0)
     previous = {}
     for sig in (signal.SIGINT, signal.SIGTERM):
         previous[sig] = signal.signal(sig, _on_signal)
     return previous
+
+
+def _ignore_signals():
+    """From an interrupt to the process's end, SIGINT and SIGTERM are ignored. Restoring the
+    defaults would let one more Ctrl-C kill the process on its way out: MindSpore's exit path
+    re-installs its own SIGINT handler, which turns a Ctrl-C into a SIGTERM (exit 143 with the
+    default action), and Python resets a SIGINT handler of its own to the default action when it
+    finalizes (exit by SIGINT); an ignored signal stays ignored through both."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _notes(e):
@@ -374,7 +405,10 @@ def run_cli(fn, *args):
     - a user error (bad config, value, file, device): `error: ...`, exit 2;
     - a file-system error: `error: PATH: reason`, exit 1;
     - out of memory: `error: out of memory ...`, exit 1;
-    - Ctrl-C / SIGTERM: `interrupted`, exit 130.
+    - Ctrl-C / SIGTERM, any number of them: `interrupted`, exit 130; an error raised once a
+      signal has arrived (MindSpore may turn an interrupt into its own error) counts as the
+      interrupt. Both signals are ignored from then on (see _ignore_signals), also for an
+      in-process caller; otherwise the caller's handlers are restored.
     Temporaries are removed on the way out by the writers' own `finally` blocks."""
     import traceback
     from .config import ConfigError
@@ -382,11 +416,18 @@ def run_cli(fn, *args):
     previous = install_signal_handlers()
     debug = bool(os.environ.get("VTPTQ_DEBUG"))
     try:
-        fn(*args)  # a signal after the last safe point: the work is done and kept, exit 0
-        return 0
-    except KeyboardInterrupt as e:
-        print("interrupted" + _notes(e), file=sys.stderr, flush=True)
-        return EXIT_INTERRUPTED
+        try:
+            fn(*args)  # a signal after the last safe point: the work is done and kept, exit 0
+            return 0
+        except BaseException as e:  # noqa: BLE001 - anything after a signal is the interrupt; else below
+            if isinstance(e, SystemExit) or not (isinstance(e, KeyboardInterrupt) or interrupted()):
+                raise
+            _STATE["phase"] = 2
+            _ignore_signals()  # and not restored below: see _ignore_signals
+            if debug and not isinstance(e, KeyboardInterrupt):
+                traceback.print_exc()
+            print("interrupted" + _notes(e), file=sys.stderr, flush=True)
+            return EXIT_INTERRUPTED
     except (ConfigError, UserError, ValueError, ImportError) as e:
         if debug:
             traceback.print_exc()
@@ -403,6 +444,9 @@ def run_cli(fn, *args):
         print(f"error: out of memory ({first_line(e)}); try a smaller --batch-size or --calib-batch-size",
               file=sys.stderr)
         return EXIT_OS
-    finally:  # in-process callers (tests, notebooks) get their handlers back
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    finally:  # in-process callers (tests, notebooks) get their handlers back, unless a signal came
+        if interrupted():
+            _ignore_signals()
+        else:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)

@@ -581,3 +581,35 @@ def test_ctrl_c_says_interrupted_and_exits_130(tmp_path, ignored_at_start):
     assert p.returncode == 130, err
     assert err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err
     assert not out.exists() and not leftovers(tmp_path)
+
+
+@pytest.mark.parametrize("signals, gap", [
+    ((signal.SIGINT, signal.SIGINT), 0.1),  # a double Ctrl-C (issue #21: exit 143)
+    ((signal.SIGINT, signal.SIGTERM, signal.SIGINT, signal.SIGINT), 0.03),
+    ("storm", 0.02),  # a signal every 20 ms until the process has gone
+])
+def test_any_number_of_signals_says_interrupted_and_exits_130(tmp_path, signals, gap):
+    out = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "quant.py", "--method", "easyquant", "--calib-num", "64", "--max-images", "200",
+                          "--output", str(out)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=dict(os.environ, GLOG_v="3", PYTHONUNBUFFERED="1"))
+    try:
+        for line in p.stdout:  # interrupt during the calibration
+            if line.startswith("full precision"):
+                break
+        time.sleep(0.5)
+        if signals == "storm":
+            while p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    p.send_signal(signal.SIGINT if int(time.time() * 50) % 3 else signal.SIGTERM)
+                time.sleep(gap)
+        else:
+            for sig in signals:
+                p.send_signal(sig)
+                time.sleep(gap)
+        _, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err
+    assert not out.exists() and not leftovers(tmp_path)
