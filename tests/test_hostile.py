@@ -303,6 +303,41 @@ def test_thin_jpeg_is_skipped_or_one_line(tmp_path, thin_jpeg_root, capsys):
         assert res["num_images"] == 1 and res["skipped_images"] == 1
 
 
+@pytest.fixture()
+def rgb_vit():
+    with registered_vit("_hostile_rgb_vit", dict(img_size=32, patch_size=8, num_classes=1000, embed_dim=16, depth=1,
+                                                 num_heads=2),
+                        dict(input_size=(3, 32, 32), mean=(0.5,) * 3, std=(0.5,) * 3, crop_pct=0.875,
+                             interpolation="bicubic", dataset="imagenet")) as name:
+        yield name
+
+
+def test_skip_bad_images_skips_unreadable_entries_of_any_kind(tmp_path, rgb_vit, capsys):
+    val = tmp_path / "imnet" / "val"
+    good = val / W0
+    good.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), np.uint8)).save(good / f"good{i}.JPEG")
+    os.symlink("loop.JPEG", good / "loop.JPEG")  # a link to itself
+    os.symlink(tmp_path / "gone.JPEG", good / "dangling.JPEG")
+    os.mkfifo(good / "fifo.JPEG")  # not a regular file: never opened (open() would block)
+    os.symlink("n01443537", val / "n01443537")  # a class folder that is a link loop
+    os.symlink("a", val / "b")
+    os.symlink("b", val / "a")  # a loop of two links
+    (val / "n01484850").mkdir()
+    os.symlink(val / "n01484850", val / "n01484850" / "n01484850")  # a folder that holds itself: not followed
+    args = ["--model", rgb_vit, "--data", str(tmp_path / "imnet"), "--batch-size", "2", "--mode", "pynative"]
+    assert eval_script.cli([*args, "--output", str(tmp_path / "a")]) == 2
+    line = one_error_line(capsys)
+    assert "Too many levels of symbolic links" in line and "--skip-bad-images skips it" in line
+    assert eval_script.cli([*args, "--skip-bad-images", "--output", str(tmp_path / "b")]) == 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "n01443537" in err
+    res = json.loads((tmp_path / "b" / "result.json").read_text())
+    assert res["num_images"] == 3 and res["skipped_images"] == 2  # the two image entries that cannot be read
+
+
 def test_crop_pct_is_range_checked(capsys):
     assert eval_script.cli(["--crop-pct", "1e-6"]) == 2
     assert "crop_pct" in one_error_line(capsys)
