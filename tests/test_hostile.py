@@ -12,6 +12,7 @@ import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -120,8 +121,10 @@ def test_failed_rerun_leaves_folder_and_keeps_checkpoint(tmp_path, capsys, monke
     out = tmp_path / "run"
     assert quant_script.cli([*QUICK, "--w-bits", "8", "--a-bits", "8", "--output", str(out)]) == 0
     before = {n: (out / n).read_bytes() for n in os.listdir(out)}
-    assert set(before) == {"config.yaml", "quantized.ckpt", "result.json"}
+    assert set(before) == {"config.yaml", "quantized.ckpt", "result.json", utils.RUN_MANIFEST}
     capsys.readouterr()
+    (tmp_path / "run.failed").mkdir()  # a folder of the user's where the failed run would go: kept
+    (tmp_path / "run.failed" / "notes.txt").write_text("mine")
 
     import src.distributed as dist
     real = dist.evaluate_sharded
@@ -133,8 +136,9 @@ def test_failed_rerun_leaves_folder_and_keeps_checkpoint(tmp_path, capsys, monke
     monkeypatch.setattr(dist, "evaluate_sharded", failing)
     assert quant_script.cli([*QUICK, "--w-bits", "4", "--a-bits", "4", "--output", str(out)]) == 2
     line = one_error_line(capsys)
-    failed = tmp_path / "run.failed"
+    failed = tmp_path / "run.failed.2"
     assert "planted failure" in line and str(failed) in line and "quantized.ckpt" in line
+    assert os.listdir(tmp_path / "run.failed") == ["notes.txt"]
     # the folder still describes the first run, byte for byte; the failed run's checkpoint is kept aside
     assert {n: (out / n).read_bytes() for n in os.listdir(out)} == before
     assert read_yaml(out / "config.yaml")["w_bits"] == 8
@@ -146,22 +150,185 @@ def test_rerun_replaces_the_whole_folder(tmp_path):
     out = tmp_path / "run"
     assert eval_script.cli(["--max-images", "10", "--output", str(out), "--save-predictions",
                             str(out / "p.csv")]) == 0
-    (out / "quantized.onnx").write_bytes(b"stale file of an earlier run")
+    manifest = json.loads((out / utils.RUN_MANIFEST).read_text())
+    assert manifest["marker"] == utils.RUN_MARKER and sorted(manifest["files"]) == ["config.yaml", "p.csv", "result.json"]
+    (out / "quantized.onnx").write_bytes(b"an export of the run")
+    utils.record_in_run_folder(str(out / "quantized.onnx"))  # as export.py does for its default output
     assert eval_script.cli(["--max-images", "12", "--output", str(out), "--save-predictions",
                             str(out / "p.csv")]) == 0
-    assert sorted(os.listdir(out)) == ["config.yaml", "p.csv", "result.json"]
+    assert sorted(os.listdir(out)) == ["config.yaml", "p.csv", "result.json", utils.RUN_MANIFEST]
     assert json.loads((out / "result.json").read_text())["num_images"] == 12
     assert len((out / "p.csv").read_text().splitlines()) == 13
     assert not leftovers(tmp_path)
 
 
-def test_unrelated_folder_is_not_replaced(tmp_path, capsys):
-    out = tmp_path / "home"
-    out.mkdir()
-    (out / "thesis.tex").write_text("precious")
+def _tree(folder):
+    """{relative path: bytes (None for a folder), links as ('link', target)} of everything under `folder`."""
+    out = {}
+    for root, dirs, files in os.walk(folder):
+        for n in dirs + files:
+            p = os.path.join(root, n)
+            rel = os.path.relpath(p, folder)
+            if os.path.islink(p):
+                out[rel] = ("link", os.readlink(p))
+            elif os.path.isdir(p):
+                out[rel] = None
+            else:
+                with open(p, "rb") as f:
+                    out[rel] = f.read()
+    return out
+
+
+def _earlier_run(out):
+    assert eval_script.cli(["--max-images", "5", "--output", str(out)]) == 0
+
+
+RUN_CASES = ("file added to a run", "folder added to a run", "file of a run changed", "forged manifest",
+             "manifest lists a link")
+
+
+@pytest.mark.parametrize("case, words", [
+    ("thesis", "holds 'thesis.tex', which is not a file of an earlier run"),
+    ("config named like ours", "holds 'src', which is not a file of an earlier run"),  # issue #21: all deleted
+    ("non-JSON result", "holds 'precious.txt', which is not a file of an earlier run"),
+    ("legacy config only", "holds no run_manifest.json and no config.yaml or result.json of an earlier run"),
+    ("file added to a run", "holds 'thesis.tex', which is not a file of the earlier run (not in its run_manifest"),
+    ("folder added to a run", "holds 'src', which is not a file of the earlier run"),
+    ("file of a run changed", "holds 'config.yaml', changed since the earlier run wrote it"),
+    ("forged manifest", "run_manifest.json is not a manifest of this project's runs"),
+    ("manifest lists a link", "holds 'result.json', which is not a file of the earlier run"),
+])
+def test_folder_of_other_files_is_never_replaced(tmp_path, capsys, case, words):
+    out = tmp_path / "d"
+    if case in RUN_CASES:
+        _earlier_run(out)
+        capsys.readouterr()
+    else:
+        out.mkdir()
+    if case in ("thesis", "file added to a run"):
+        (out / "thesis.tex").write_text("precious")
+    elif case == "config named like ours":
+        (out / "config.yaml").write_text("app: x\n")
+        (out / "thesis.tex").write_text("precious")
+        (out / "src").mkdir()
+        (out / "src" / "main.c").write_text("int main;")
+    elif case == "non-JSON result":
+        (out / "result.json").write_text("not json")
+        (out / "precious.txt").write_text("precious")
+    elif case == "legacy config only":
+        (out / "config.yaml").write_text("app: x\n")
+    elif case == "folder added to a run":
+        (out / "src").mkdir()
+    elif case == "file of a run changed":
+        with open(out / "config.yaml", "a") as f:
+            f.write("# my notes\n")
+    elif case == "forged manifest":
+        (out / utils.RUN_MANIFEST).write_text(json.dumps({"marker": "x", "files": {"thesis.tex": {}}}))
+        (out / "thesis.tex").write_text("precious")
+    elif case == "manifest lists a link":
+        (tmp_path / "victim").write_bytes((out / "result.json").read_bytes())
+        os.remove(out / "result.json")
+        os.symlink(tmp_path / "victim", out / "result.json")
+    before = _tree(out)
     assert eval_script.cli(["--max-images", "5", "--output", str(out)]) == 2
-    assert "holds files of no earlier run" in one_error_line(capsys)
-    assert os.listdir(out) == ["thesis.tex"] and not leftovers(tmp_path)
+    line = one_error_line(capsys)
+    assert words in line and "nothing was replaced" in line, line
+    assert _tree(out) == before and not leftovers(tmp_path)
+
+
+def test_export_into_a_run_folder_joins_its_manifest(tiny, tmp_path):
+    out = tmp_path / "run"
+    with RunOutput(out) as run:
+        tiny_quantized_ckpt(run.path("quantized.ckpt"), tiny)
+    assert export_script.cli(["--ckpt", str(out / "quantized.ckpt"), "--format", "onnx"]) == 0  # default: beside it
+    assert "quantized.onnx" in json.loads((out / utils.RUN_MANIFEST).read_text())["files"]
+    with RunOutput(out) as run:  # the next run replaces the export with the rest
+        atomic_write_text(run.path("config.yaml"), "model: x\n")
+    assert sorted(os.listdir(out)) == ["config.yaml", utils.RUN_MANIFEST] and not leftovers(tmp_path)
+
+
+def test_folder_of_an_earlier_run_without_manifest_is_replaced(tmp_path):
+    """A run folder written before the manifest existed: only files of the known names, with a
+    config.yaml of config keys (or a result.json of a result)."""
+    out = tmp_path / "old"
+    _earlier_run(out)
+    os.remove(out / utils.RUN_MANIFEST)
+    (out / "quantized.onnx").write_bytes(b"an export")
+    assert eval_script.cli(["--max-images", "6", "--output", str(out)]) == 0
+    assert sorted(os.listdir(out)) == ["config.yaml", "result.json", utils.RUN_MANIFEST]
+    assert json.loads((out / "result.json").read_text())["num_images"] == 6
+
+
+def test_output_inside_the_data_root_is_refused(tmp_path, thin_jpeg_root, rgb_vit, capsys):
+    args = ["--model", rgb_vit, "--data", str(thin_jpeg_root), "--skip-bad-images"]
+    for flags in (["--output", str(thin_jpeg_root / "val" / "out")],
+                  ["--output", str(thin_jpeg_root)],
+                  ["--output", str(tmp_path / "o"), "--save-predictions", str(thin_jpeg_root / "val" / "x" / "p.csv")]):
+        assert eval_script.cli([*args, *flags]) == 2
+        assert "inside the data root" in one_error_line(capsys)
+    assert quant_script.cli([*args, "--output", str(thin_jpeg_root / "val" / "out")]) == 2
+    assert "inside the data root" in one_error_line(capsys)
+    assert sorted(os.listdir(thin_jpeg_root / "val")) == [W0] and not (tmp_path / "o").exists()
+
+
+def test_output_holding_the_checkpoint_is_refused(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    ckpt = tiny_quantized_ckpt(out / "quantized.ckpt", tiny)
+    before = _tree(out)
+    assert eval_script.cli(["--ckpt", str(ckpt), "--output", str(out)]) == 2
+    assert "holds the --ckpt" in one_error_line(capsys)
+    assert _tree(out) == before
+
+
+def _staging(parent, base, suffix, pid, age=60):
+    d = parent / f".{base}.{suffix}.tmp"
+    d.mkdir()
+    (d / "config.yaml").write_text("model: x\n")
+    (d / ".vtptq_staging").write_text(f"project=vtptq pid={pid} host={socket.gethostname()}\n")
+    os.utime(d, (time.time() - age, time.time() - age))
+    return d
+
+
+def test_stale_staging_folders_are_removed_at_the_next_run(tmp_path, capsys):
+    import fcntl
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = _staging(tmp_path, "run", "abcdefgh", dead.pid)
+    live = _staging(tmp_path, "run", "livelive", os.getpid())  # a run in progress: locked, its process alive
+    fd = os.open(live, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    other = tmp_path / ".run.12345678.tmp"  # no marker: not a staging folder of this project
+    other.mkdir()
+    (other / "keep.txt").write_text("x")
+    os.utime(other, (time.time() - 60, time.time() - 60))
+    young = _staging(tmp_path, "run", "youngone", dead.pid, age=-60)  # newer than the run: left alone
+    try:
+        assert eval_script.cli(["--max-images", "5", "--output", str(tmp_path / "run")]) == 0
+    finally:
+        os.close(fd)
+    assert f"removed {stale}" in capsys.readouterr().err
+    assert not stale.exists() and live.exists() and other.exists() and young.exists()
+
+
+def test_staging_folder_of_a_killed_run_is_removed_at_the_next_run(tmp_path):
+    out = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "quant.py", "--calib-num", "8", "--output", str(out)], cwd=REPO,
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                         env=dict(os.environ, GLOG_v="3", PYTHONUNBUFFERED="1"))
+    try:
+        for line in p.stdout:
+            if line.startswith("deit_fmnist_minmax_w8a8:"):
+                break
+        p.send_signal(signal.SIGKILL)
+        p.wait(timeout=30)
+    finally:
+        p.kill()
+    left = [n for n in os.listdir(tmp_path) if n.startswith(".run.")]
+    assert len(left) == 1 and not out.exists()
+    os.utime(tmp_path / left[0], (time.time() - 5, time.time() - 5))  # coarse file-system clocks
+    assert eval_script.cli(["--max-images", "5", "--output", str(out)]) == 0
+    assert sorted(os.listdir(tmp_path)) == ["run"]
 
 
 def test_run_output_of_a_non_writing_rank_creates_nothing(tmp_path):
