@@ -333,9 +333,10 @@ def _lock_free(fd):
 
 def _stale_staging(path, started):
     """Whether `path` is a staging folder of this project's run that is over: owned by this
-    user, older than `started`, its lock free and its process gone (the marker names pid and
-    host), or, killed in the middle of a swap, an earlier run's folder (its manifest) with the
-    lock free."""
+    user, older than `started`, and no longer locked: its flock free (the lock goes with its
+    process, also a killed one) or, on a file system without flock, the pid its marker names
+    gone (same host only). A folder without the marker must be a run folder (killed in the
+    middle of a swap) with its flock free."""
     import socket
     import stat as st
     try:
@@ -352,14 +353,14 @@ def _stale_staging(path, started):
         marker = os.path.join(path, STAGING_MARKER)
         if os.path.isfile(marker) and not os.path.islink(marker):
             with open(marker, encoding="utf-8", errors="replace") as f:
-                fields = dict(part.split("=", 1) for part in f.read().split() if "=" in part)
+                fields = dict(part.split("=", 1) for part in f.read(4096).split() if "=" in part)
             if fields.get("project") != "vtptq" or fields.get("host") != socket.gethostname():
                 return False
             try:
                 pid = int(fields.get("pid", ""))
             except ValueError:
                 return False
-            return not _pid_alive(pid) or free is True
+            return free is True or not _pid_alive(pid)
         return free is not None and run_folder_problem(path) is None and os.listdir(path) != []
     except OSError:
         return False
