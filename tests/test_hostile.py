@@ -815,3 +815,95 @@ def test_any_number_of_signals_says_interrupted_and_exits_130(tmp_path, signals,
     assert p.returncode == 130, err
     assert err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err
     assert not out.exists() and not leftovers(tmp_path)
+
+
+# ----------------------------------------------------------------------------- 12. kernel cache
+
+PLANTED_C = r"""
+#include <stdio.h>
+__attribute__((constructor)) static void planted(void) {
+    FILE *f = fopen(MARKER, "w");
+    if (f) { fputs("the planted library ran\n", f); fclose(f); }
+}
+void FakeQuant(void) {}
+void Gelu(void) {}
+void Permute0213(void) {}
+"""  # no SplitHeads: a stale handle of it broke MindSpore (issue #21)
+
+
+def planted_library(tmp_path, marker):
+    import shutil
+    if shutil.which("gcc") is None:
+        pytest.skip("no gcc to build the planted library")
+    src = tmp_path / "planted.c"
+    src.write_text(PLANTED_C)
+    lib = tmp_path / "planted.so"
+    subprocess.run(["gcc", "-shared", "-fPIC", f'-DMARKER="{marker}"', "-o", str(lib), str(src)], check=True)
+    return lib
+
+
+def plant(cache, lib, lib_mode=0o600, index_mode=0o600, digest=None):
+    """The planted library at every name the cache uses (the old fixed name, a unique name and
+    the hash file naming it with the planted bytes' true SHA-256)."""
+    import hashlib
+    import shutil
+    from src import kernels
+    name = kernels.library_name()
+    for target in (f"{name}.so", f"{name}.planted1.so"):
+        shutil.copy(lib, cache / target)
+        os.chmod(cache / target, lib_mode)
+    digest = digest or hashlib.sha256(lib.read_bytes()).hexdigest()
+    (cache / (name + kernels.HASH_SUFFIX)).write_text(f"{digest}  {name}.planted1.so\n")
+    os.chmod(cache / (name + kernels.HASH_SUFFIX), index_mode)
+    return cache / f"{name}.planted1.so"
+
+
+def library_path_in(cache):
+    code = "from src import kernels; print(kernels.library_path())"
+    p = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                       env=dict(os.environ, VTPTQ_KERNEL_CACHE=str(cache)))
+    assert p.returncode == 0, p.stderr
+    return p.stdout.strip(), p.stderr
+
+
+def test_planted_library_in_an_open_cache_never_runs(tmp_path):
+    marker = tmp_path / "marker"
+    lib = planted_library(tmp_path, marker)
+    cache = tmp_path / "kc"
+    cache.mkdir()
+    os.chmod(cache, 0o777)  # anyone may write there
+    plant(cache, lib)
+    out = tmp_path / "out"
+    p = subprocess.run([sys.executable, "eval.py", "--max-images", "20", "--output", str(out)], cwd=REPO,
+                       capture_output=True, text=True, env=dict(os.environ, GLOG_v="3", VTPTQ_KERNEL_CACHE=str(cache)))
+    assert p.returncode == 0, p.stderr
+    assert not marker.exists()
+    assert f"note: kernel cache {cache} is writable by group or others (mode 0777)" in p.stderr
+    assert "Traceback" not in p.stderr and json.loads((out / "result.json").read_text())["num_images"] == 20
+    path, err = library_path_in(cache)
+    assert not path.startswith(str(cache)) and os.path.basename(path).startswith("vtptq_cpu_ops_")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("case", ["library mode 0755", "hash file mode 0644", "hash of other bytes", "cache of another user"])
+def test_planted_library_in_a_private_cache_never_runs(tmp_path, case):
+    marker = tmp_path / "marker"
+    lib = planted_library(tmp_path, marker)
+    cache = tmp_path / "kc"
+    cache.mkdir(mode=0o700)
+    if case == "library mode 0755":
+        planted = plant(cache, lib, lib_mode=0o755)
+    elif case == "hash file mode 0644":
+        planted = plant(cache, lib, index_mode=0o644)
+    elif case == "hash of other bytes":
+        planted = plant(cache, lib, digest="0" * 64)
+    else:
+        planted = plant(cache, lib)
+        os.chown(cache, 12345, -1) if os.geteuid() == 0 else pytest.skip("needs root to give the folder away")
+    path, err = library_path_in(cache)
+    assert not marker.exists(), err
+    assert path.startswith("/") and path != str(planted) and "Traceback" not in err
+    if case != "cache of another user":  # rebuilt in the cache, under a fresh name
+        assert os.path.dirname(path) == str(cache) and os.path.isfile(path)
+    else:  # built in a private temporary folder, removed when the process ended
+        assert "is owned by user id 12345" in err and not os.path.exists(path)
