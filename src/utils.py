@@ -368,6 +368,41 @@ def _stale_staging(path, started):
         os.close(fd)
 
 
+# The reaper of a staging folder: a small process in a session of its own (msrun kills a
+# worker's whole process group, a terminal's Ctrl-C goes to the foreground group) that waits
+# until the run's process closes the pipe, at its end or when it is killed (SIGKILL included:
+# the kernel closes the pipe), and then removes the staging folder if it is still there and
+# no longer locked, with the note (if any) on the run's stderr.
+_REAPER = r"""
+import fcntl, os, shutil, signal, sys, time
+for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    signal.signal(s, signal.SIG_IGN)
+staging, note = sys.argv[1], sys.argv[2]
+try:
+    while sys.stdin.buffer.read(65536):
+        pass
+except OSError:
+    pass
+try:
+    fd = os.open(staging, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+except OSError:
+    sys.exit(0)
+for _ in range(600):  # a killed process's files close one by one: the lock may be freed after the pipe
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        break
+    except BlockingIOError:
+        time.sleep(0.05)
+    except OSError:
+        break
+else:
+    sys.exit(0)  # still locked after 30 s: a process of the run lives on
+shutil.rmtree(staging, ignore_errors=True)
+if note and not os.path.lexists(staging):
+    print(note, file=sys.stderr, flush=True)
+"""
+
+
 class RunOutput:
     """The output folder of one run, written as a unit so that it always describes one run.
 
@@ -392,6 +427,7 @@ class RunOutput:
         self.enabled = enabled
         self.staging = None
         self._lock_fd = None
+        self._reaper = None
         self.started = time.time()
 
     def _check_replaceable(self):
@@ -438,6 +474,7 @@ class RunOutput:
             if self.staging:
                 shutil.rmtree(self.staging, ignore_errors=True)
                 self.staging = None
+            self._unlock()
             raise OSError(e.errno, f"cannot create the run's folder in {parent} ({e.strerror})", self.given) from None
         return self
 
@@ -450,11 +487,35 @@ class RunOutput:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         atomic_write_text(os.path.join(self.staging, STAGING_MARKER),
                           f"project=vtptq pid={os.getpid()} host={socket.gethostname()}\n")
+        self._start_reaper()
+
+    def _start_reaper(self):
+        """The staging folder is removed even if this process is killed (_REAPER); under msrun,
+        which kills every worker when one dies, the reaper also says so on rank 0's log."""
+        import subprocess
+        from .distributed import launched_distributed
+        note = ""
+        if launched_distributed():
+            note = (f"error: rank 0 (pid {os.getpid()}) was killed before the run ended (msrun kills every worker "
+                    f"once one of them has died: see the workers' logs); --output {self.given} is as it was, and the "
+                    "run's unfinished folder was removed")
+        try:
+            self._reaper = subprocess.Popen([sys.executable, "-I", "-S", "-c", _REAPER, self.staging, note],
+                                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, start_new_session=True,
+                                            close_fds=True)
+        except OSError:  # no reaper: the next run into DIR removes a folder left behind
+            self._reaper = None
 
     def _unlock(self):
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = None
+        reaper, self._reaper = self._reaper, None
+        if reaper is not None:  # the run is over and its staging folder gone: the reaper finds nothing
+            with contextlib.suppress(OSError):
+                reaper.stdin.close()
+            with contextlib.suppress(Exception):
+                reaper.wait(timeout=5)
 
     def path(self, name):
         """Where to write the run's file `name` now."""

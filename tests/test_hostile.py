@@ -311,24 +311,25 @@ def test_stale_staging_folders_are_removed_at_the_next_run(tmp_path, capsys):
     assert not stale.exists() and live.exists() and other.exists() and young.exists()
 
 
-def test_staging_folder_of_a_killed_run_is_removed_at_the_next_run(tmp_path):
+def test_staging_folder_of_a_killed_run_is_removed(tmp_path):
+    """SIGKILL during the work (no `finally` runs): the run's reaper removes its staging folder."""
     out = tmp_path / "run"
     p = subprocess.Popen([sys.executable, "quant.py", "--calib-num", "8", "--output", str(out)], cwd=REPO,
-                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          env=dict(os.environ, GLOG_v="3", PYTHONUNBUFFERED="1"))
     try:
         for line in p.stdout:
             if line.startswith("deit_fmnist_minmax_w8a8:"):
                 break
+        assert [n for n in os.listdir(tmp_path) if n.startswith(".run.")]  # the run's staging folder
         p.send_signal(signal.SIGKILL)
-        p.wait(timeout=30)
+        _, err = p.communicate(timeout=30)
     finally:
         p.kill()
-    left = [n for n in os.listdir(tmp_path) if n.startswith(".run.")]
-    assert len(left) == 1 and not out.exists()
-    os.utime(tmp_path / left[0], (time.time() - 5, time.time() - 5))  # coarse file-system clocks
-    assert eval_script.cli(["--max-images", "5", "--output", str(out)]) == 0
-    assert sorted(os.listdir(tmp_path)) == ["run"]
+    deadline = time.time() + 20
+    while os.listdir(tmp_path) and time.time() < deadline:
+        time.sleep(0.1)
+    assert os.listdir(tmp_path) == [] and "error" not in err  # single process: removed without a word
 
 
 def test_run_output_of_a_non_writing_rank_creates_nothing(tmp_path):
@@ -907,3 +908,70 @@ def test_planted_library_in_a_private_cache_never_runs(tmp_path, case):
         assert os.path.dirname(path) == str(cache) and os.path.isfile(path)
     else:  # built in a private temporary folder, removed when the process ended
         assert "is owned by user id 12345" in err and not os.path.exists(path)
+
+
+# ----------------------------------------------------------------------------- 13. msrun
+
+def test_distribute_script_checks_the_workers_before_launching(tmp_path):
+    t0 = time.time()
+    r = subprocess.run(["bash", "scripts/run_eval_distribute_cpu.sh", "3", "configs/deit_fmnist_fp.yaml", "embedded", "",
+                        "--max-images", "2", "--output", str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True,
+                       env=dict(os.environ, RUN_LOG_DIR=str(tmp_path / "logs"), MASTER_PORT="8131"))
+    assert r.returncode == 2, r.stderr
+    assert [ln for ln in r.stderr.splitlines() if ln.strip()] == [
+        "error: 3 workers for 2 images: every worker needs at least one image; launch at most 2 workers"]
+    assert "msrun not launched" in r.stdout and time.time() - t0 < 30
+    assert not (tmp_path / "out").exists() and not [n for n in os.listdir(tmp_path / "logs") if n.startswith("msrun_")]
+
+
+def test_worker_death_ends_the_run_with_one_line_and_no_staging_folder(tmp_path):
+    """A worker killed during the calibration: msrun stops the others; rank 0's log ends with one
+    line, and its staging folder is gone (removed by the run's reaper, which msrun cannot kill)."""
+    import glob
+    logs, out = tmp_path / "logs", tmp_path / "out"
+    env = dict(os.environ, GLOG_v="3", MS_NODE_TIMEOUT="10",
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    p = subprocess.Popen([sys.executable, "-m", "mindspore.parallel.cluster.run", "--worker_num=2", "--local_worker_num=2",
+                          f"--master_port={port}", f"--log_dir={logs}", "--join=True", "quant.py", "--method", "easyquant",
+                          "--calib-num", "64", "--max-images", "100", "--output", str(out)], cwd=REPO, env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def log(rank):
+        path = logs / f"worker_{rank}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def worker_pid(rank):
+        for d in glob.glob("/proc/[0-9]*"):
+            with contextlib.suppress(OSError):
+                with open(os.path.join(d, "environ"), "rb") as f:
+                    environ = f.read().split(b"\0")
+                with open(os.path.join(d, "cmdline"), "rb") as f:
+                    cmd = f.read()
+                if b"quant.py" in cmd and f"--output\0{out}".encode() in cmd and b"MS_ROLE=MS_WORKER" in environ \
+                        and f"MS_NODE_ID={rank}".encode() in environ:
+                    return int(os.path.basename(d))
+        return None
+    try:
+        deadline = time.time() + 240
+        while "calibration shard" not in log(1) and p.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        assert [n for n in os.listdir(tmp_path) if n.startswith(".out.")], log(0)  # rank 0's staging folder
+        victim = worker_pid(1)
+        assert victim, "rank 1 not found"
+        t0 = time.time()
+        os.kill(victim, signal.SIGKILL)
+        p.wait(timeout=120)
+        deadline = time.time() + 30
+        while [n for n in os.listdir(tmp_path) if n.startswith(".out.")] and time.time() < deadline:
+            time.sleep(0.2)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode != 0 and time.time() - t0 < 60
+    assert worker_pid(0) is None
+    errors = [ln for ln in log(0).splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "rank 0" in errors[0] and "msrun" in errors[0], log(0)[-2000:]
+    assert sorted(os.listdir(tmp_path)) == ["logs"]
