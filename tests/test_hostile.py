@@ -247,6 +247,22 @@ def test_export_into_a_run_folder_joins_its_manifest(tiny, tmp_path):
     assert sorted(os.listdir(out)) == ["config.yaml", utils.RUN_MANIFEST] and not leftovers(tmp_path)
 
 
+def test_foreign_file_added_during_the_run_is_kept(tmp_path):
+    """DIR is checked again just before the swap: a file put there while the run ran stays,
+    and the run is kept in DIR.failed/."""
+    out = tmp_path / "run"
+    with RunOutput(out) as run:
+        atomic_write_text(run.path("config.yaml"), "model: x\n")
+    with pytest.raises(utils.UserError, match="holds 'late.txt'") as e:
+        with RunOutput(out) as run:
+            utils.atomic_write_json(run.path("result.json"), {"model": "x"})
+            (out / "late.txt").write_text("written while the run ran")
+    assert "kept in" in str(e.value.__notes__)
+    assert sorted(os.listdir(out)) == ["config.yaml", "late.txt", utils.RUN_MANIFEST]
+    assert sorted(os.listdir(tmp_path / "run.failed")) == ["result.json", utils.RUN_MANIFEST]
+    assert sorted(os.listdir(tmp_path)) == ["run", "run.failed"]
+
+
 def test_folder_of_an_earlier_run_without_manifest_is_replaced(tmp_path):
     """A run folder written before the manifest existed: only files of the known names, with a
     config.yaml of config keys (or a result.json of a result)."""
