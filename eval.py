@@ -34,7 +34,7 @@ def build_parser():
 
 def main(cfg):
     """Evaluate per the resolved config dict; writes result.json and config.yaml; returns the result."""
-    from src.data.build import build_eval_dataset, data_description
+    from src.data.build import build_eval_dataset, check_output_location, data_description
     from src.distributed import evaluate_sharded, init_distributed, shard_indices
     from src.engine import (build_model, quantized_checkpoint_model, resolve_checkpoint, setup_context,
                             write_predictions_csv)
@@ -42,6 +42,7 @@ def main(cfg):
     from src.utils import RunOutput, atomic_write_json, check_writable_file
 
     quantized_checkpoint_model(cfg)  # a quantized checkpoint (or an exported model) names its model
+    check_output_location(cfg, output_dir(cfg, "eval"))  # not inside the data, not over the --ckpt
     setup_context(cfg["device_target"], cfg["mode"], cfg["seed"])  # an unavailable device: an error now
     dist = init_distributed(cfg["device_target"])  # msrun workers: rank, size; else a group of one
     if dist.is_main:

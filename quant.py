@@ -108,7 +108,7 @@ def fp_reference(cfg, dataset, model_fn):
 
 def main(cfg):
     """Quantize per the resolved config dict; returns the result dict (also OUTPUT/result.json)."""
-    from src.data.build import build_eval_dataset, load_calibration_images
+    from src.data.build import build_eval_dataset, check_output_location, load_calibration_images
     from src.distributed import init_distributed, shard_indices
     from src.engine import quantized_checkpoint_model, setup_context
     from src.models import get_data_config
@@ -138,6 +138,7 @@ def main(cfg):
                               f"below {nominal} bits")
         cfg["w_bits"] = cfg["a_bits"] = nominal
     cfg["name"] = run_name(cfg)
+    check_output_location(cfg, output_dir(cfg, "quant"))  # not inside the data
     setup_context(cfg["device_target"], cfg["mode"], cfg["seed"])  # an unavailable device: an error now
     dist = init_distributed(cfg["device_target"])  # msrun workers: rank, size; else a group of one
     data_cfg = get_data_config(cfg["model"])

@@ -9,9 +9,10 @@
 # The output is also written to outputs/logs/<eval|quant>_<config name>_<timestamp>.log
 # ($EVAL_LOG_DIR / $QUANT_LOG_DIR, else $RUN_LOG_DIR, override the folder; $PYTHON the interpreter).
 #
-# scripts/run_<eval|quant>_distribute_<device>.sh take NUM_WORKERS first and launch ENTRY with
-# msrun on this machine (NUM_WORKERS local workers; $MASTER_PORT, default 8118, the scheduler's
-# port); each worker logs to <log folder>/msrun_<eval|quant>_<config name>_<timestamp>/worker_N.log
+# scripts/run_<eval|quant>_distribute_<device>.sh take NUM_WORKERS first, check it against the
+# data (scripts/check_workers.py: more workers than images is one line and exit 2, nothing
+# launched) and launch ENTRY with msrun on this machine (NUM_WORKERS local workers;
+# $MASTER_PORT, default 8118, the scheduler's port); each worker logs to <log folder>/msrun_<eval|quant>_<config name>_<timestamp>/worker_N.log
 # and rank 0's output is copied to the run's log.
 
 ENTRY=${ENTRY:-eval.py}
@@ -107,7 +108,14 @@ _run_msrun() {
     export PATH="$bin:$PATH"
     local cmd=("$py" -m mindspore.parallel.cluster.run --worker_num="$_MSRUN_WORKERS" --local_worker_num="$_MSRUN_WORKERS"
                --master_port="${MASTER_PORT:-8118}" --log_dir="$wlog_dir" --join=True "$ENTRY" "$@")
-    echo "[$(date '+%F %T')] ${cmd[*]}" | tee "$log"
+    # the worker count against the data (and every flag) before any worker starts: one line, exit 2
+    "$py" scripts/check_workers.py "$_MSRUN_WORKERS" "$ENTRY" "$@" 2>&1 | tee "$log" >&2
+    local checked=${PIPESTATUS[0]}
+    if [ "$checked" -ne 0 ]; then
+        echo "log: $log (exit code $checked, msrun not launched)"
+        return "$checked"
+    fi
+    echo "[$(date '+%F %T')] ${cmd[*]}" | tee -a "$log"
     "${cmd[@]}" >> "$log" 2>&1
     local rc=$?
     if [ -f "$wlog_dir/worker_0.log" ]; then

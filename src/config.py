@@ -104,9 +104,10 @@ CHOICES = {
 
 # Inclusive bounds (None: unbounded) of numeric keys.
 # Upper bounds keep one value from asking for unbounded memory or threads (a batch is
-# allocated whole, each decoding thread holds images, each candidate a copy of a tensor).
+# allocated whole, each decoding thread holds images, each candidate a copy of a tensor;
+# calibration images are held in memory together: ImageNet-1k's train split has 1,281,167).
 RANGES = {"batch_size": (1, 65536), "max_images": (1, None), "num_workers": (0, 64), "num_classes": (1, 1_000_000),
-          "w_bits": (2, 16), "a_bits": (2, 16), "calib_num": (1, None), "calib_batch_size": (1, 65536),
+          "w_bits": (2, 16), "a_bits": (2, 16), "calib_num": (1, 2_000_000), "calib_batch_size": (1, 65536),
           "seed": (0, 2 ** 32 - 1), "calib_seed": (0, 2 ** 32 - 1),
           "percentile": (0.0, 100.0), "search_alpha": (0.0, None), "search_beta": (0.0, None),
           "search_candidates": (1, 10000), "search_rounds": (1, 1000), "max_rounds": (1, 1000),
@@ -188,6 +189,27 @@ class _NoAliases(yaml.SafeLoader):
             raise yaml.YAMLError(f"aliases (*name) are not allowed, line {mark.line + 1}")
         return super().compose_node(parent, index)
 
+    def construct_mapping(self, node, deep=False):
+        """A key given twice is an error naming both lines (PyYAML would keep the last value)."""
+        if isinstance(node, yaml.MappingNode):
+            seen = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    if key in seen:
+                        raise DuplicateKeyError(key, seen[key], line)
+                    seen[key] = line
+                except TypeError:  # an unhashable key: the base class reports it
+                    continue
+        return super().construct_mapping(node, deep=deep)
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    def __init__(self, key, first, second):
+        super().__init__(f"key {short_repr(key)} is given twice (lines {first} and {second})")
+        self.key, self.first, self.second = key, first, second
+
 
 def load_yaml(path):
     """Read a flat YAML mapping and check every key against DEFAULTS."""
@@ -199,6 +221,8 @@ def load_yaml(path):
     try:
         with open(path, encoding="utf-8") as f:
             data = yaml.load(f, Loader=_NoAliases)  # noqa: S506 - a SafeLoader without aliases
+    except DuplicateKeyError as e:
+        raise ConfigError(f"{path}: {e}; give each key once") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({short_repr(str(e).strip().splitlines()[0], 200)})") from None
     except UnicodeDecodeError as e:

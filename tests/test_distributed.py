@@ -348,7 +348,7 @@ def test_msrun_eval_equals_single_process(tmp_path):
     assert (one["num_shards"], two["num_shards"], two["num_images"]) == (1, 2, N_IMAGES)
     assert read_rows(tmp_path / "one" / "p.csv") == read_rows(tmp_path / "two" / "p.csv")
     assert "2 workers (this is rank 1)" in logs  # both workers ran
-    assert sorted(os.listdir(tmp_path / "two")) == ["config.yaml", "p.csv", "result.json"]
+    assert sorted(os.listdir(tmp_path / "two")) == ["config.yaml", "p.csv", "result.json", "run_manifest.json"]
 
 
 def test_msrun_quant_equals_single_process(tmp_path):
@@ -368,7 +368,7 @@ def test_msrun_quant_equals_single_process(tmp_path):
         for op in ("w", "a", "b"):
             if op in layer:
                 assert layer[op]["scale"] == two["layers"][name][op]["scale"], (name, op)
-    assert sorted(os.listdir(tmp_path / "two")) == ["config.yaml", "quantized.ckpt", "result.json"]
+    assert sorted(os.listdir(tmp_path / "two")) == ["config.yaml", "quantized.ckpt", "result.json", "run_manifest.json"]
 
 
 def test_msrun_with_more_workers_than_batches_fails_cleanly(tmp_path):

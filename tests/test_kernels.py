@@ -174,13 +174,18 @@ def _library_path_in(env):
 
 
 def test_kernel_cache_rebuilds_a_bad_file(tmp_path):
-    path, _ = _library_path_in({"VTPTQ_KERNEL_CACHE": str(tmp_path)})
-    assert os.path.dirname(path) == str(tmp_path) and os.path.isfile(path)
-    with open(path, "wb") as f:  # a truncated or foreign file where the library was
+    cache = tmp_path / "cache"
+    path, _ = _library_path_in({"VTPTQ_KERNEL_CACHE": str(cache)})
+    assert os.path.dirname(path) == str(cache) and os.path.isfile(path)
+    assert os.stat(cache).st_mode & 0o777 == 0o700 and os.stat(path).st_mode & 0o777 == 0o700
+    index = cache / (kernels.library_name() + kernels.HASH_SUFFIX)
+    assert os.stat(index).st_mode & 0o777 == 0o600
+    assert _library_path_in({"VTPTQ_KERNEL_CACHE": str(cache)})[0] == path  # reused as it is
+    with open(path, "r+b") as f:  # a truncated or foreign file where the library was
         f.write(b"not a library")
-    again, _ = _library_path_in({"VTPTQ_KERNEL_CACHE": str(tmp_path)})
-    assert again == path and kernels._loads(path)
-    assert sorted(os.listdir(tmp_path)) == [os.path.basename(path)]  # no temporary left
+    again, _ = _library_path_in({"VTPTQ_KERNEL_CACHE": str(cache)})
+    assert again != path and kernels._has_symbols(again)  # rebuilt under a new name
+    assert sorted(os.listdir(cache)) == sorted([os.path.basename(again), index.name])  # nothing else left
 
 
 def test_no_compiler_means_no_kernels(tmp_path):

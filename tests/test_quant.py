@@ -715,7 +715,7 @@ def test_embedded_w8a8_close_to_fp(embedded_quant):
     assert set(res["layers"]) == {"patch_embed.proj"} | {f"blocks.{b}.{s}" for b in range(4) for s in BLOCK_LAYERS}
     assert res["layers"]["blocks.0.attn.qkv"]["w"]["bits"] == 8
     assert "calibration" in res["layers"]["blocks.0.attn.qkv"]
-    assert sorted(os.listdir(out)) == ["config.yaml", "quantized.ckpt", "result.json"]
+    assert sorted(os.listdir(out)) == ["config.yaml", "quantized.ckpt", "result.json", "run_manifest.json"]
 
 
 def test_eval_of_saved_quantized_checkpoint_same_top1(embedded_quant, tmp_path):

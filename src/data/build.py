@@ -67,3 +67,19 @@ def load_calibration_images(cfg, model_data_cfg):
                                    skip_bad_images=cfg.get("skip_bad_images", False),
                                    num_workers=cfg.get("num_workers", 2))
     return images
+
+
+def check_output_location(cfg, output):
+    """Outputs that would harm an input, refused before any work (a UserError):
+    - the run folder `output` or the --save-predictions file inside the ImageNet root (the run's
+      folder would become a class folder of the data set, and every later run on it fail);
+    - a --ckpt inside `output` (the run replaces that folder, the checkpoint with it)."""
+    from ..utils import UserError, is_inside
+    root = None if is_embedded(cfg) else cfg["data"]
+    for what, path in (("--output", output), ("--save-predictions", cfg.get("save_predictions"))):
+        if root and path and is_inside(path, root):
+            raise UserError(f"{what} {path} is inside the data root {root}; it would become part of the data set: "
+                            "give a path outside it")
+    if cfg.get("ckpt") and output and is_inside(cfg["ckpt"], output):
+        raise UserError(f"--output {output} holds the --ckpt {cfg['ckpt']}, and the run replaces that folder whole; "
+                        "give another --output")

@@ -17,6 +17,7 @@ right labels.
 """
 import math
 import os
+import stat
 import sys
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -190,14 +191,20 @@ class BadImageError(ValueError):
 
 
 def _read_image(path):
-    """Open and fully decode an image file -> RGB PIL image, or raise BadImageError."""
+    """Open and fully decode an image file -> RGB PIL image, or raise BadImageError. Only a
+    regular file is read (opened with O_NONBLOCK: a FIFO where an image was would block open()
+    for ever)."""
     try:
-        with Image.open(path) as img:
-            w, h = img.size  # from the header, before decoding
-            if w * h > MAX_IMAGE_PIXELS:
-                raise ImageSizeError(f"{w}x{h} pixels, over the bound of {MAX_IMAGE_PIXELS} decoded pixels")
-            img.load()  # decodes now, so truncated data fails here; the pixels stay after close
-            return to_rgb(img)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise OSError("not a regular file")
+            with Image.open(f) as img:
+                w, h = img.size  # from the header, before decoding
+                if w * h > MAX_IMAGE_PIXELS:
+                    raise ImageSizeError(f"{w}x{h} pixels, over the bound of {MAX_IMAGE_PIXELS} decoded pixels")
+                img.load()  # decodes now, so truncated data fails here; the pixels stay after close
+                return to_rgb(img)
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for broken files
         raise BadImageError(path, f"{type(e).__name__}: {e}") from e
 
@@ -228,20 +235,57 @@ class ImageFolderDataset:
             raise FileNotFoundError(f"{self.split_dir}: no such directory (expected <root>/{self.split}/<wnid>/<images>)")
         index = wnid_to_index()
         samples = []
-        for entry in os.scandir(self.split_dir):
-            if entry.name.startswith(".") or not entry.is_dir():
+        for entry in self._entries(self.split_dir):
+            if entry.name.startswith(".") or not self._is(entry, "dir"):
                 continue
             if entry.name not in index:
                 raise ValueError(f"folder '{entry.name}' in {self.split_dir} (root {self.root}) is not an "
                                  f"ImageNet-1k wnid (expected names like n01440764)")
             label = index[entry.name]
-            for f in os.scandir(entry.path):
-                if f.name.lower().endswith(IMAGE_EXTENSIONS) and f.is_file():
+            for f in self._entries(entry.path):
+                # an image whose kind cannot be read (a link loop, a dangling link) is a sample that
+                # fails to load: a bad image, skipped and counted with --skip-bad-images
+                if f.name.lower().endswith(IMAGE_EXTENSIONS) and self._is(f, "file", unreadable=True):
                     samples.append((label, f.name, f"{self.split}/{entry.name}/{f.name}"))
         if not samples:
             raise ValueError(f"{self.split_dir}: no images found (expected <wnid>/*{{{','.join(IMAGE_EXTENSIONS)}}})")
         samples.sort()
         return [(rel, label) for label, _, rel in samples]
+
+    def _unreadable(self, path, err):
+        """A folder entry that cannot be read: one line naming it, or with skip_bad_images a
+        warning and the scan goes on."""
+        reason = err.strerror or str(err)
+        if not self.skip_bad_images:
+            raise ValueError(f"{path}: cannot read this entry of the data set ({reason}); --skip-bad-images "
+                             "skips it")
+        print(f"warning: skipping unreadable entry {path} ({reason})", file=sys.stderr, flush=True)
+
+    def _entries(self, folder):
+        """The entries of `folder` (a list; none if it cannot be read and skip_bad_images is on)."""
+        try:
+            with os.scandir(folder) as it:
+                return list(it)
+        except OSError as e:
+            if folder == self.split_dir:
+                raise
+            self._unreadable(folder, e)
+            return []
+
+    def _is(self, entry, kind, unreadable=False):
+        """Whether the entry (links followed) is a folder ('dir') or a regular file ('file'); an
+        entry whose kind cannot be read (a link loop) or a dangling link gives `unreadable`, and a
+        folder that cannot be read is reported by _unreadable."""
+        try:
+            found = entry.is_dir() if kind == "dir" else entry.is_file()
+        except OSError as e:
+            if unreadable:
+                return True
+            self._unreadable(entry.path, e)
+            return False
+        if not found and unreadable and entry.is_symlink() and not os.path.exists(entry.path):
+            return True  # a dangling link
+        return found
 
     def __len__(self):
         return len(self.samples)

@@ -8,8 +8,12 @@ float32 operations in the same order, so the results are bit-identical (tests/te
 checks this against the MindSpore chains, in GRAPH and PYNATIVE mode).
 
 The library is compiled with the system C++ compiler on first use into a per-user cache
-(`VTPTQ_KERNEL_CACHE`, default `$XDG_CACHE_HOME/vtptq` or `~/.cache/vtptq`), named by a hash of
-the source and the flags, written under a temporary name and renamed. Where there is no
+(`VTPTQ_KERNEL_CACHE`, default `$XDG_CACHE_HOME/vtptq` or `~/.cache/vtptq`), keyed by a hash of
+the source and the flags, under a unique name recorded with the SHA-256 of its bytes in
+`vtptq_cpu_ops_<key>.sha256` beside it. Nothing in the cache is loaded unless the folder is
+private to the user, the library and its hash file are private files of the user and the
+bytes match the hash (else it is rebuilt under a new name, or built in a private temporary
+folder when the cache folder is not private). Where there is no
 compiler, the device target is not CPU, or `VTPTQ_CPU_KERNELS=0`, `fake_quant_op()` and
 `gelu_op()` return None and the callers use the MindSpore chains (same values, slower). The
 decision is made when a layer is built: build models after `setup_context`.
@@ -18,7 +22,9 @@ import contextlib
 import functools
 import hashlib
 import os
+import re
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -64,14 +70,12 @@ def _cpu_signature():
 
 
 SYMBOLS = ("FakeQuant", "Gelu", "Permute0213", "SplitHeads")
+HASH_SUFFIX = ".sha256"  # beside the library: "<sha256 of its bytes>  <library file name>"
 
 
-def _loads(path):
-    """Whether `path` is a loadable library with every kernel (a truncated or foreign file in the
-    cache is rebuilt, not handed to MindSpore)."""
+def _has_symbols(path):
+    """Whether the library at `path` (already verified: our own build) loads and has every kernel."""
     import ctypes
-    if not os.path.isfile(path):
-        return False
     try:
         lib = ctypes.CDLL(path)
         return all(hasattr(lib, name) for name in SYMBOLS)
@@ -79,39 +83,166 @@ def _loads(path):
         return False
 
 
+def _unsafe_folder(path):
+    """None if code may be loaded from the folder `path` (it exists), else why not: the folder
+    must be owned by this user and not writable by group or others, and every folder above it
+    (as given and with links resolved) owned by this user or root and not writable by group or
+    others unless sticky (as /tmp), so that no one else can put a file there or swap a folder."""
+    uid = os.geteuid()
+    try:
+        info = os.stat(path)
+    except OSError as e:
+        return f"cannot be read ({e.strerror})"
+    if not stat.S_ISDIR(info.st_mode):
+        return "is not a folder"
+    if info.st_uid != uid:
+        return f"is owned by user id {info.st_uid}, not by you ({uid})"
+    if info.st_mode & 0o022:
+        return f"is writable by group or others (mode {stat.S_IMODE(info.st_mode):04o})"
+    for full in {os.path.abspath(path), os.path.realpath(path)}:
+        above = os.path.dirname(full)
+        while True:
+            try:
+                a = os.stat(above)
+            except OSError as e:
+                return f"has a folder above it that cannot be read ({above}: {e.strerror})"
+            if a.st_uid not in (0, uid) or (a.st_mode & 0o022 and not a.st_mode & stat.S_ISVTX):
+                return f"is inside {above}, which others can write to"
+            if above == os.path.dirname(above):
+                break
+            above = os.path.dirname(above)
+    return None
+
+
+def _private_file(path):
+    """None if `path` is a regular file (not a link) owned by this user that only its owner can
+    read or write (mode 0600, 0700, 0400 ...), else why not."""
+    try:
+        info = os.lstat(path)
+    except OSError as e:
+        return e.strerror
+    if not stat.S_ISREG(info.st_mode):
+        return "not a regular file"
+    if info.st_uid != os.geteuid():
+        return f"owned by user id {info.st_uid}"
+    if info.st_mode & 0o077:
+        return f"mode {stat.S_IMODE(info.st_mode):04o} (expected 0600 or 0700)"
+    return None
+
+
+def _sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _cached(folder, name):
+    """(library, None) for the library named by the hash file `name`.sha256 in `folder` if both
+    are private files of this user and the library's bytes have the recorded SHA-256; else
+    (None, the file the hash file names or None). Nothing is loaded before this check: a file
+    that someone else planted never runs."""
+    index = os.path.join(folder, name + HASH_SUFFIX)
+    if _private_file(index) is not None or os.path.getsize(index) > 4096:
+        return None, None
+    with open(index, encoding="ascii", errors="replace") as f:
+        parts = f.read().split()
+    if len(parts) != 2 or not re.fullmatch(r"[0-9a-f]{64}", parts[0]) \
+            or not re.fullmatch(re.escape(name) + r"\.[A-Za-z0-9_]{1,32}\.so", parts[1]):
+        return None, None
+    lib = os.path.join(folder, parts[1])
+    if _private_file(lib) is not None or _sha256(lib) != parts[0]:
+        return None, lib
+    return lib, None
+
+
+def _private_temp_folder():
+    """A new private (0700) folder for this process's build, removed when the process exits."""
+    import atexit
+    folder = tempfile.mkdtemp(prefix="vtptq_kernels_")
+    atexit.register(shutil.rmtree, folder, True)
+    return folder
+
+
+def _build(cxx, folder, name):
+    """Compile cpu_ops.cc into a new library of a unique name in `folder` (mode 0700), check its
+    kernels, and record the SHA-256 of its bytes beside it (`name`.sha256, mode 0600). The unique
+    name makes each build a path this process has never loaded: glibc hands back an already
+    loaded library for a path it has seen, whatever the file now holds."""
+    work = tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    try:
+        out = os.path.join(work, "lib.so")
+        subprocess.run([cxx, *FLAGS, "-o", out, SOURCE], check=True, capture_output=True, timeout=300)
+        os.chmod(out, 0o700)
+        digest = _sha256(out)
+        fd, lib = tempfile.mkstemp(prefix=f"{name}.", suffix=".so", dir=folder)
+        os.close(fd)
+        os.replace(out, lib)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    try:
+        if _private_file(lib) is not None or _sha256(lib) != digest or not _has_symbols(lib):
+            raise OSError(f"the library built from {SOURCE} lacks the kernels {', '.join(SYMBOLS)}")
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)  # mode 0600
+        with os.fdopen(fd, "w", encoding="ascii") as f:
+            f.write(f"{digest}  {os.path.basename(lib)}\n")
+        os.replace(tmp, os.path.join(folder, name + HASH_SUFFIX))
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(lib)
+        raise
+    return lib
+
+
+def library_name(cxx=None):
+    """Stem of the cached library's files: a hash of the source, the compiler, the flags and the CPU."""
+    cxx = cxx or _compiler()
+    with open(SOURCE, "rb") as f:
+        src = f.read()
+    key = hashlib.sha1(src + " ".join([str(cxx)] + FLAGS + [_cpu_signature()]).encode()).hexdigest()[:16]
+    return f"vtptq_cpu_ops_{key}"
+
+
 @functools.lru_cache(maxsize=None)
 def library_path():
     """Path of the compiled cpu_ops library, building it if needed; None if it cannot be built
-    (the reason is printed once to stderr)."""
+    (the reason is printed once to stderr). The cache folder must be private to this user
+    (_unsafe_folder), else the library is built in a private temporary folder for this process
+    (a one-line note); a cached library is loaded only if it and its hash file are private
+    files of this user and its bytes have the recorded SHA-256 (_cached)."""
     cxx = _compiler()
     if cxx is None:
         print("note: no C++ compiler found: the fused CPU kernels are off (same results, slower)", file=sys.stderr)
         return None
-    with open(SOURCE, "rb") as f:
-        src = f.read()
-    key = hashlib.sha1(src + " ".join([cxx] + FLAGS + [_cpu_signature()]).encode()).hexdigest()[:16]
-    path = os.path.join(cache_dir(), f"vtptq_cpu_ops_{key}.so")
-    if _loads(path):
-        return path
+    name = library_name(cxx)
+    folder = cache_dir()
     try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
-        os.close(fd)
-        try:
-            subprocess.run([cxx, *FLAGS, "-o", tmp, SOURCE], check=True, capture_output=True, timeout=300)
-            if not _loads(tmp):
-                raise OSError(f"the library built from {SOURCE} lacks the kernels {', '.join(SYMBOLS)}")
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        if not os.path.isdir(folder):
+            os.makedirs(folder, mode=0o700, exist_ok=True)
+        problem = _unsafe_folder(folder)
+        if problem:
+            print(f"note: kernel cache {folder} {problem}: the fused CPU kernels are built in a private temporary "
+                  f"folder for this run (set {ENV_CACHE} to a folder of yours that only you can write)",
+                  file=sys.stderr)
+            folder = _private_temp_folder()
+            problem = _unsafe_folder(folder)
+            if problem:
+                raise OSError(f"the temporary folder {folder} {problem}")
+        lib, bad = _cached(folder, name)
+        if lib is not None and _has_symbols(lib):
+            return lib
+        lib = _build(cxx, folder, name)
+        if bad is not None and _private_file(bad) is None:  # a library of ours whose bytes changed
+            with contextlib.suppress(OSError):
+                os.remove(bad)
+        return lib
     except (OSError, subprocess.SubprocessError) as e:
         detail = getattr(e, "stderr", b"") or b""
         reason = detail.decode(errors="replace").strip().splitlines()[:1] or [str(e)]
         print(f"note: could not build the fused CPU kernels ({reason[0]}); they are off (same results, slower)",
               file=sys.stderr)
         return None
-    return path
 
 
 FUSED_ATTRS = ("fq_op", "fused", "heads_t", "qkv_t")  # cell attributes that hold a fused kernel (or None)

@@ -31,9 +31,11 @@ import re
 
 import numpy as np
 
+from ..utils import short_repr
+
 __all__ = ["CheckpointError", "TorchRequiredError", "SUPPORTED_EXTENSIONS", "METADATA_PREFIXES",
            "METADATA_NAMES", "register_metadata_prefix", "is_metadata_key", "read_state_dict",
-           "read_safetensors", "convert_google_vit", "to_model_names", "load_checkpoint_into",
+           "read_safetensors", "convert_google_vit", "to_model_names", "load_checkpoint_into", "check_finite",
            "save_mindspore_checkpoint"]
 
 SUPPORTED_EXTENSIONS = (".ckpt", ".safetensors", ".npz", ".pth", ".pt", ".bin")
@@ -139,10 +141,50 @@ _ST_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<
               "I16": "<i2", "I8": "i1", "U8": "u1", "BOOL": "?"}
 
 
+# Bounds checked before anything is allocated: the JSON header (the format's own limit) and
+# the number of dimensions of a tensor.
+MAX_SAFETENSORS_HEADER = 100_000_000
+MAX_TENSOR_DIMS = 8
+
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _st_entry(path, name, info, data_bytes):
+    """(dtype, shape, begin, end) of one safetensors header entry, every field checked; a bad
+    one is a one-line CheckpointError naming the file, the tensor and the key."""
+    def bad(key, value, expected):
+        raise CheckpointError(f"'{path}': tensor {name!r}: '{key}' is {short_repr(value)}; expected {expected}")
+
+    if not isinstance(info, dict):
+        bad("entry", info, "a mapping with 'dtype', 'shape' and 'data_offsets'")
+    for key in ("dtype", "shape", "data_offsets"):
+        if key not in info:
+            raise CheckpointError(f"'{path}': tensor {name!r} has no '{key}'")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in _ST_DTYPES:
+        bad("dtype", dtype, f"one of {', '.join(_ST_DTYPES)}")
+    if not (isinstance(shape, list) and len(shape) <= MAX_TENSOR_DIMS and all(_is_int(d) and d >= 0 for d in shape)):
+        bad("shape", shape, f"a list of at most {MAX_TENSOR_DIMS} non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(v) for v in offsets)
+            and 0 <= offsets[0] <= offsets[1] <= data_bytes):
+        bad("data_offsets", offsets, f"[begin, end] with 0 <= begin <= end <= {data_bytes} (the data's size)")
+    begin, end = offsets
+    count = 1
+    for d in shape:  # Python integers: no overflow
+        count *= d
+    if count * np.dtype(_ST_DTYPES[dtype]).itemsize != end - begin:
+        raise CheckpointError(f"'{path}': tensor {name!r}: 'data_offsets' {offsets} hold {end - begin} bytes; "
+                              f"dtype {dtype} and shape {shape} need {count * np.dtype(_ST_DTYPES[dtype]).itemsize}")
+    return dtype, tuple(shape), begin, end
+
+
 def read_safetensors(path):
     """Minimal .safetensors reader: 8-byte little-endian header length, a JSON header
     {name: {dtype, shape, data_offsets: [begin, end]}} (plus optional `__metadata__`), then
-    the raw little-endian data, offsets counted from the end of the header."""
+    the raw little-endian data, offsets counted from the end of the header. Every field of
+    the header is checked (types, ranges, sizes against the file) before any tensor is read."""
     path = os.fspath(path)
     size = os.path.getsize(path)
     with open(path, "rb") as f:
@@ -150,31 +192,28 @@ def read_safetensors(path):
         if len(head) != 8:
             raise CheckpointError(f"'{path}' is not a safetensors file (too short)")
         n = int.from_bytes(head, "little")
-        if n <= 0 or 8 + n > size:
-            raise CheckpointError(f"'{path}' is not a safetensors file (bad header length {n})")
+        if n <= 0 or 8 + n > size or n > MAX_SAFETENSORS_HEADER:
+            raise CheckpointError(f"'{path}' is not a safetensors file (header length {n}; expected 1 to "
+                                  f"{min(size - 8, MAX_SAFETENSORS_HEADER)} bytes)")
         try:
             header = json.loads(f.read(n).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"'{path}' is not a safetensors file (bad JSON header: {e})") from e
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise CheckpointError(f"'{path}' is not a safetensors file (bad JSON header: "
+                                  f"{str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"'{path}': the safetensors header is a JSON {type(header).__name__}; "
+                                  "expected an object of tensor names")
         base = 8 + n
+        entries = {name: _st_entry(path, name, info, size - base)
+                   for name, info in header.items() if name != "__metadata__"}
         state = {}
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            try:
-                dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
-            except (KeyError, TypeError, ValueError) as e:
-                raise CheckpointError(f"'{path}': malformed header entry for '{name}'") from e
-            if dtype not in _ST_DTYPES:
-                raise CheckpointError(f"'{path}': tensor '{name}' has unsupported dtype {dtype} "
-                                      f"(supported: {', '.join(_ST_DTYPES)})")
+        for name, (dtype, shape, begin, end) in entries.items():
             np_dtype = np.dtype(_ST_DTYPES[dtype])
-            count = int(np.prod(shape, dtype=np.int64))
-            if end - begin != count * np_dtype.itemsize or base + end > size or begin < 0:
-                raise CheckpointError(f"'{path}': tensor '{name}' has inconsistent data offsets "
-                                      f"{[begin, end]} for dtype {dtype} and shape {list(shape)}")
             f.seek(base + begin)
-            arr = np.frombuffer(f.read(end - begin), dtype=np_dtype, count=count).reshape(shape)
+            data = f.read(end - begin)
+            if len(data) != end - begin:
+                raise CheckpointError(f"'{path}': tensor {name!r} is cut short (the file changed while read)")
+            arr = np.frombuffer(data, dtype=np_dtype).reshape(shape)
             if dtype == "BF16":
                 arr = (arr.astype(np.uint32) << 16).view(np.float32)
             elif dtype in ("F16", "F64"):
@@ -402,12 +441,26 @@ def load_checkpoint_into(model, path_or_state, drop_head=False):
             parts.append(f"shape mismatches ({len(mismatched)}): {_list(mismatched)}")
         raise CheckpointError(f"{where} does not match model '{mname}': " + "; ".join(parts))
 
-    for k, p in expected.items():
-        arr = np.ascontiguousarray(state[k])
+    for k in state:  # every value checked before any is copied, the first bad one named
+        arr = np.asarray(state[k])
         if arr.dtype.kind not in "fiub":
             raise CheckpointError(f"{where}: '{k}' has non-numeric dtype {arr.dtype}")
-        p.set_data(Tensor(arr, dtype=p.dtype))
+        check_finite(arr, k, where)
+    for k, p in expected.items():
+        p.set_data(Tensor(np.ascontiguousarray(state[k]), dtype=p.dtype))
     return list(expected)
+
+
+def check_finite(arr, key, where):
+    """A CheckpointError naming `where` and `key` if the float array holds a NaN or an infinity."""
+    arr = np.asarray(arr)
+    if arr.dtype.kind != "f":
+        return
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        first = np.unravel_index(int(np.argmax(bad)), arr.shape) if arr.ndim else ()
+        raise CheckpointError(f"{where}: '{key}' holds {int(bad.sum())} NaN or infinite values (first "
+                              f"{float(arr[first])} at index {list(map(int, first))}); weights must be finite")
 
 
 def save_mindspore_checkpoint(model, path):

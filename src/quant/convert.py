@@ -13,7 +13,7 @@ from ..utils import first_line, quiet_mindspore_log, save_checkpoint_atomic, sho
 from .layers import QUANT_CELLS, QuantConv2d, QuantDense, QuantMatMul, quant_conv_from, quant_dense_from, \
     quant_matmul_from
 from .packing import pack_codes, unpack_codes
-from .quantizer import MAX_BITS, MIN_BITS, quantize_np
+from .quantizer import KINDS, MAX_BITS, MIN_BITS, quantize_np
 
 # v2: weight codes packed at their bit width (`<layer>.weight_packed`, uint8); v1 (still read):
 # int8 up to 8 bits, int16 above (`<layer>.weight_int`).
@@ -22,6 +22,7 @@ QCKPT_FORMAT_V1 = "vtptq-quantized-v1"
 READABLE_FORMATS = (QCKPT_FORMAT, QCKPT_FORMAT_V1)
 PACKING = "code - qmin, little-endian bitstream (src/quant/packing.py)"
 META_KEY = "quant_meta"
+MAX_CLASSES = 1_000_000  # as the config's num_classes: a head is allocated whole
 
 # Name suffix -> (FP cell type, config key that switches it, None = always). The paper
 # quantizes every linear layer of the blocks, the patch embedding and both attention
@@ -253,6 +254,8 @@ def check_quant_meta(meta, path):
             bad(f"{where}.bits", f"an integer from {MIN_BITS} to {MAX_BITS}", d.get("bits"))
         if not isinstance(d.get("signed"), bool):
             bad(f"{where}.signed", "true or false", d.get("signed"))
+        if "kind" in d and d["kind"] not in KINDS:
+            bad(f"{where}.kind", f"one of {', '.join(KINDS)}", d["kind"])
 
     if not isinstance(meta, dict):
         bad("", "a JSON object", meta)
@@ -261,8 +264,8 @@ def check_quant_meta(meta, path):
                          f"of {', '.join(READABLE_FORMATS)}")
     if not isinstance(meta.get("model"), str):
         bad("'model'", "a model name", meta.get("model"))
-    if not (is_int(meta.get("num_classes")) and meta["num_classes"] >= 1):
-        bad("'num_classes'", "a positive integer", meta.get("num_classes"))
+    if not (is_int(meta.get("num_classes")) and 1 <= meta["num_classes"] <= MAX_CLASSES):
+        bad("'num_classes'", f"an integer from 1 to {MAX_CLASSES}", meta.get("num_classes"))
     layers = meta.get("layers")
     if not isinstance(layers, dict) or not layers:
         bad("'layers'", "a non-empty mapping of layer names to operands", layers)
@@ -279,8 +282,8 @@ def check_quant_meta(meta, path):
         for name, d in packed.items():
             check_bits(f"packed_weights.{name}", d)
             shape = d.get("shape")
-            if not (isinstance(shape, list) and shape and all(is_int(v) and v >= 1 for v in shape)):
-                bad(f"packed_weights.{name}.shape", "a list of positive integers", shape)
+            if not (isinstance(shape, list) and 1 <= len(shape) <= 8 and all(is_int(v) and v >= 1 for v in shape)):
+                bad(f"packed_weights.{name}.shape", "a list of 1 to 8 positive integers", shape)
 
 
 def _weight_codes(path, meta, params, name, cell):
@@ -300,6 +303,9 @@ def _weight_codes(path, meta, params, name, cell):
         if info["bits"] != cell.w_q.bits or bool(info["signed"]) != cell.w_q.signed:
             raise ValueError(f"{path}: packed weight of '{name}' has {info['bits']} bits (signed "
                              f"{info['signed']}), the layer {cell.w_q.bits} (signed {cell.w_q.signed})")
+        if tuple(info["shape"]) != shape:  # before unpacking: the shape sizes the codes' array
+            raise ValueError(f"{path}: quant_meta packed_weights.{name}.shape is {list(info['shape'])}; layer "
+                             f"'{name}' expects {list(shape)}")
         try:
             codes = unpack_codes(params[key].asnumpy(), info["bits"], info["signed"], info["shape"])
         except ValueError as e:
@@ -307,6 +313,29 @@ def _weight_codes(path, meta, params, name, cell):
     if tuple(codes.shape) != shape:
         raise ValueError(f"{path}: '{key}' has shape {tuple(codes.shape)}; layer '{name}' expects {shape}")
     return codes, key
+
+
+def _check_entries(path, meta, params):
+    """Before anything is built from a quantized checkpoint: its head has num_classes outputs
+    (a count that sizes an allocation is checked against the file), and every float entry
+    is finite (the first NaN or infinity is named)."""
+    from ..models.weights import check_finite
+    n = meta["num_classes"]
+    head = [(k, tuple(params[k].shape)[:1]) for k in ("head.bias", "head.weight") if k in params]
+    if "head" in meta.get("packed_weights", {}):
+        head.append(("quant_meta packed_weights.head.shape", tuple(meta["packed_weights"]["head"]["shape"][:1])))
+    if not head:
+        raise ValueError(f"{path}: quantized checkpoint has no 'head.bias'; cannot check quant_meta 'num_classes' "
+                         f"({n}) against the head")
+    for key, rows in head:
+        if rows != (n,):
+            raise ValueError(f"{path}: quant_meta 'num_classes' is {n} but '{key}' has {rows[0] if rows else 0} "
+                             "rows; expected the head's number of classes")
+    for key, value in params.items():
+        if key == META_KEY or isinstance(value, str) or not hasattr(value, "asnumpy"):
+            continue
+        if value.dtype in (ms.float16, ms.float32, ms.float64, ms.bfloat16):
+            check_finite(value.astype(ms.float32).asnumpy(), key, str(path))  # a CheckpointError (ValueError)
 
 
 def load_quantized_checkpoint(path, model_name=None):
@@ -320,6 +349,7 @@ def load_quantized_checkpoint(path, model_name=None):
     meta, params = found
     if model_name is not None and model_name != meta["model"]:
         raise ValueError(f"{path}: quantized checkpoint of model '{meta['model']}', not '{model_name}'")
+    _check_entries(path, meta, params)  # before the model is built: its head is sized by num_classes
     model = create_model(meta["model"], num_classes=meta["num_classes"])
     layers = meta["layers"]
     qcfg = {"w_bits": 8, "a_bits": 8, "quantize_head": False, "quantize_patch_embed": False,
@@ -332,7 +362,14 @@ def load_quantized_checkpoint(path, model_name=None):
             raise ValueError(f"{path}: quantized checkpoint has no '{key}' (its quant_meta lists the layer)")
         return params[key]
 
-    qcfg["weight_per_channel"] = any(entry(f"{n}.w_scale").shape[0] > 1 for n in layers if "w" in layers[n])
+    def scale_size(key):
+        shape = tuple(entry(key).shape)
+        if not shape or shape[0] < 1:
+            raise ValueError(f"{path}: '{key}' has shape {shape}; expected one interval, or one per output "
+                             "channel along the first axis")
+        return shape[0]
+
+    qcfg["weight_per_channel"] = any(scale_size(f"{n}.w_scale") > 1 for n in layers if "w" in layers[n])
     qcfg["gelu_asymmetric"] = any(d.get("a", {}).get("kind") == "asym" for d in layers.values())
     layer_bits = {n: {op: v["bits"] for op, v in d.items() if op != "type"} for n, d in layers.items()}
     names = quantize_model(model, qcfg, layer_bits)
