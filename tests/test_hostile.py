@@ -953,7 +953,8 @@ def test_worker_death_ends_the_run_with_one_line_and_no_staging_folder(tmp_path)
         port = s.getsockname()[1]
     p = subprocess.Popen([sys.executable, "-m", "mindspore.parallel.cluster.run", "--worker_num=2", "--local_worker_num=2",
                           f"--master_port={port}", f"--log_dir={logs}", "--join=True", "quant.py", "--method", "easyquant",
-                          "--calib-num", "64", "--max-images", "100", "--output", str(out)], cwd=REPO, env=env,
+                          "--calib-num", "64", "--max-images", "100", "--batch-size", "50", "--output", str(out)],
+                         cwd=REPO, env=env,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
     def log(rank):
