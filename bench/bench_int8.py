@@ -1,6 +1,6 @@
 """Real integer inference: onnxruntime int8 against onnxruntime FP32, in one process.
 
-One model (default deit_small_patch16_224, random weights), quantized W8A8 and calibrated
+One model (default deit_small_patch16_224, random weights), quantized W8A8 (`--bits`) and calibrated
 with minmax on a few random images, is exported twice with src.export.onnx.export_onnx:
 the QDQ graph (int8) and the plain float graph of the same weights (quantized=False). Both
 run in onnxruntime (CPU, ORT_ENABLE_ALL, `--threads` intra-op threads) on the same batch,
@@ -23,6 +23,7 @@ load average is printed with the figures.
 import argparse
 import collections
 import io
+import json
 import os
 import statistics
 import sys
@@ -101,6 +102,8 @@ def build_parser():
     p.add_argument("--warmup", type=int, default=1, help="untimed passes per runtime (default 1)")
     p.add_argument("--repeats", type=int, default=3, help="alternating timing rounds (default 3)")
     p.add_argument("--calib-num", type=int, default=8, help="random calibration images (default 8)")
+    p.add_argument("--bits", type=int, default=8, choices=range(2, 9), metavar="B",
+                   help="weight and activation bits (default 8: uint8 x uint8 kernels; at most 6: uint8 x int8)")
     p.add_argument("--per-channel", action="store_true", help="per-output-channel weight intervals")
     p.add_argument("--skip-mindspore", action="store_true", help="skip the MindSpore GRAPH-mode reference")
     p.add_argument("--keep-dir", metavar="DIR", help="keep the .onnx files (and onnxruntime's optimized int8 "
@@ -125,13 +128,13 @@ def main(argv=None):
     print(f"bench_int8: mindspore {ms.__version__}, onnxruntime {ort.__version__}, {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.2f}", flush=True)
 
-    # quantized model: W8A8 minmax on a few random images
+    # quantized model: WbAb minmax on a few random images
     c, h, w = get_data_config(args.model)["input_size"]
     rng = np.random.default_rng(0)
     calib = rng.standard_normal((args.calib_num, c, h, w)).astype(np.float32)
     x = rng.standard_normal((args.batch_size, c, h, w)).astype(np.float32)
     cfg = defaults()
-    cfg.update(model=args.model, method="minmax", w_bits=8, a_bits=8, calib_num=args.calib_num,
+    cfg.update(model=args.model, method="minmax", w_bits=args.bits, a_bits=args.bits, calib_num=args.calib_num,
                calib_batch_size=args.calib_num, weight_per_channel=args.per_channel)
     fp = create_model(args.model, checkpoint=default_checkpoint(args.model))
     model = create_model(args.model)
@@ -151,7 +154,9 @@ def main(argv=None):
     out_dir = args.keep_dir or tmp.name
     os.makedirs(out_dir, exist_ok=True)
     paths = {k: os.path.join(out_dir, f"{args.model}_{k}.onnx") for k in ("fp32", "int8")}
-    export_onnx(model, paths["int8"])
+    proto = export_onnx(model, paths["int8"])
+    kernels = collections.Counter(v["kernel"] for v in json.loads(
+        {m.key: m.value for m in proto.metadata_props}["integer_products"]).values())
     export_onnx(model, paths["fp32"], quantized=False)
     opt_path = os.path.join(out_dir, f"{args.model}_int8.optimized.onnx")
     sessions = {"fp32": session(paths["fp32"], args.threads), "int8": session(paths["int8"], args.threads, opt_path)}
@@ -160,7 +165,7 @@ def main(argv=None):
     n_float = sum(census[op] for op in FLOAT_PRODUCTS)
     n_quant = len(quant_cells(model))
     print(f"optimized int8 graph: {n_int} integer products ({', '.join(f'{census[op]} {op}' for op in INTEGER_OPS if census[op])}) "
-          f"for {n_quant} quantized layers, {n_float} float products left", flush=True)
+          f"for {n_quant} quantized layers, {n_float} float products left; kernel classes {dict(kernels)}", flush=True)
 
     feeds = {"input": x}
     fns = {f"ort_{k}": (lambda s=s: s.run(None, feeds)) for k, s in sessions.items()}
@@ -176,7 +181,8 @@ def main(argv=None):
     ort_warm = {k: warm[f"ort_{k}"] for k in sessions}
     ort_out = {k: s.run(None, feeds)[0] for k, s in sessions.items()}
     result = {"model": args.model, "batch_size": args.batch_size, "threads": args.threads, "iters": args.iters,
-              "repeats": args.repeats, "per_channel": args.per_channel, "onnxruntime": ort.__version__,
+              "repeats": args.repeats, "bits": args.bits, "per_channel": args.per_channel,
+              "kernel_classes": dict(kernels), "onnxruntime": ort.__version__,
               "mindspore": ms.__version__, "cpu_count": os.cpu_count(), "quant_layers": n_quant,
               "integer_products": n_int, "float_products_left": n_float, "int8_graph_ops": dict(census),
               "ort_fp32_images_per_second": ort_rate["fp32"], "ort_int8_images_per_second": ort_rate["int8"],
@@ -208,11 +214,11 @@ def main(argv=None):
     print("| runtime | graph | images/s |")
     print("|---|---|---|")
     print(f"| onnxruntime {ort.__version__} ({args.threads} threads) | FP32 | {ort_rate['fp32']:.1f} |")
-    print(f"| onnxruntime {ort.__version__} ({args.threads} threads) | int8 QDQ (W8A8"
+    print(f"| onnxruntime {ort.__version__} ({args.threads} threads) | int8 QDQ (W{args.bits}A{args.bits}"
           f"{', per-channel' if args.per_channel else ''}) | {ort_rate['int8']:.1f} |")
     if not args.skip_mindspore:
         print(f"| MindSpore {ms.__version__} GRAPH | FP32 | {result['ms_fp_images_per_second']:.1f} |")
-        print(f"| MindSpore {ms.__version__} GRAPH | fake-quant W8A8 | {result['ms_fake_quant_images_per_second']:.1f} |")
+        print(f"| MindSpore {ms.__version__} GRAPH | fake-quant W{args.bits}A{args.bits} | {result['ms_fake_quant_images_per_second']:.1f} |")
     ok = "ok" if result["ratio"] >= TARGET_RATIO else "BELOW"
     print(f"\n{args.model}, batch {args.batch_size}: onnxruntime int8 / FP32 = {result['ratio']:.2f}x "
           f"(target >= {TARGET_RATIO}x: {ok}); {n_int}/{n_quant} quantized products run as integer kernels")
@@ -220,7 +226,7 @@ def main(argv=None):
         ok_fp = "ok" if result["ms_fp_vs_ort_fp32"] >= TARGET_MS_FP else "BELOW"
         ok_fq = "ok" if result["ms_fake_quant_vs_ms_fp"] >= TARGET_MS_FAKE_QUANT else "BELOW"
         print(f"MindSpore FP / onnxruntime FP32 = {result['ms_fp_vs_ort_fp32']:.2f}x (target >= {TARGET_MS_FP}x: "
-              f"{ok_fp}); MindSpore fake-quant W8A8 / MindSpore FP = {result['ms_fake_quant_vs_ms_fp']:.2f}x "
+              f"{ok_fp}); MindSpore fake-quant W{args.bits}A{args.bits} / MindSpore FP = {result['ms_fake_quant_vs_ms_fp']:.2f}x "
               f"(target >= {TARGET_MS_FAKE_QUANT}x: {ok_fq})")
         print(f"onnxruntime int8 vs MindSpore fake-quant on this batch: top-1 agreement "
               f"{100 * result['int8_vs_fake_quant_top1_agreement']:.1f}%, max |logit diff| "
