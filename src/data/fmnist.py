@@ -1,8 +1,15 @@
 """Fashion-MNIST: IDX file reader and the embedded copy the repository carries.
 
-The embedded assets (`assets/fmnist_test.npz`, `assets/fmnist_calib.npz`) hold uint8
-images (N, 28, 28) and int labels; they are written by `scripts/train_fmnist.py` from the
-IDX files of Debian's `dataset-fashion-mnist` package.
+The embedded assets hold uint8 images (N, 28, 28) and int labels, from the IDX files of
+Debian's `dataset-fashion-mnist` package:
+- `assets/fmnist_test.npz`: the 10,000-image test split (scripts/train_fmnist.py);
+- `assets/fmnist_calib.npz`: 4,096 training images, the calibration pool, with their
+  `train_index` (scripts/train_fmnist.py);
+- `assets/fmnist_val.npz`: 5,000 other training images, the validation split every choice is
+  made on, with their `train_index`, disjoint from the calibration pool
+  (scripts/make_fmnist_val.py, `val_indices`). The model saw them in training, so their labels
+  say little; a choice made on val uses the full-precision model's predictions instead
+  (top-1 agreement, mean KL), see docs/results.md.
 """
 import gzip
 import os
@@ -11,7 +18,8 @@ import numpy as np
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ASSETS_DIR = os.path.join(REPO_ROOT, "assets")
-EMBEDDED_SPLITS = {"test": "fmnist_test.npz", "calib": "fmnist_calib.npz"}
+EMBEDDED_SPLITS = {"test": "fmnist_test.npz", "calib": "fmnist_calib.npz", "val": "fmnist_val.npz"}
+VAL_IMAGES, VAL_SEED = 5000, 1
 FMNIST_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"
 CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                "Sneaker", "Bag", "Ankle boot")
@@ -47,6 +55,16 @@ def load_idx_split(data_dir, split):
     return read_idx(found["images-idx3-ubyte"]), read_idx(found["labels-idx1-ubyte"]).astype(np.int32)
 
 
+def val_indices(num_train, exclude, num=VAL_IMAGES, seed=VAL_SEED):
+    """Sorted training indices of the validation split: `num` drawn with `seed` from the
+    training indices not in `exclude` (the calibration pool's)."""
+    pool = np.setdiff1d(np.arange(int(num_train)), np.asarray(exclude))
+    if num > len(pool):
+        raise ValueError(f"{num} validation images asked for; only {len(pool)} training images are outside the "
+                         "calibration pool")
+    return np.sort(np.random.default_rng(seed).choice(pool, int(num), replace=False)).astype(np.int32)
+
+
 def embedded_path(split):
     if split not in EMBEDDED_SPLITS:
         raise ValueError(f"unknown embedded split '{split}'; expected one of {sorted(EMBEDDED_SPLITS)}")
@@ -54,7 +72,7 @@ def embedded_path(split):
 
 
 def load_embedded(split):
-    """(images uint8 (N, 28, 28), labels int32 (N,)) of the embedded 'test' or 'calib' split."""
+    """(images uint8 (N, 28, 28), labels int32 (N,)) of the embedded 'test', 'calib' or 'val' split."""
     path = embedded_path(split)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: embedded Fashion-MNIST split missing (run scripts/train_fmnist.py)")
