@@ -163,7 +163,8 @@ def _quantize(cfg, dataset, calib_images, shardable, dist, out):
     from src.distributed import (all_gather, calibration_shard, evaluate_sharded, gather_counts, sharding_calibration,
                                  sync_calibration)
     from src.engine import build_model, resolve_checkpoint
-    from src.quant import calibrate_model, layer_report, model_size_mb, quantize_model, save_quantized_checkpoint
+    from src.quant import (calibrate_model, layer_report, model_size_mb, quantize_model, save_quantized_checkpoint,
+                           size_breakdown)
     from src.quant.convert import freeze_weights
     from src.quant.vtptq_plus import SWITCHES
     from src.utils import atomic_write_json
@@ -195,7 +196,7 @@ def _quantize(cfg, dataset, calib_images, shardable, dist, out):
             "method": cfg["method"], "w_bits": cfg["w_bits"], "a_bits": cfg["a_bits"]})
     freeze_weights(model)  # the intervals are final: quantize the weights once for the evaluation
     res = evaluate_sharded(model, dataset, cfg["batch_size"], num_workers=cfg["num_workers"], desc="quantized eval")
-    layers = layer_report(model)
+    layers, sizes = layer_report(model), size_breakdown(model)
     for name, info in calib_report.items():
         layers[name]["calibration"] = info
     result = {"model": cfg["model"], "checkpoint": resolve_checkpoint(cfg), "data": data_description(cfg),
@@ -205,6 +206,7 @@ def _quantize(cfg, dataset, calib_images, shardable, dist, out):
               "calib_shards": dist.size if sharded else 1, "calib_images_per_rank": calib_per_rank,
               "calib_seconds": calib_seconds, "calib_cpu_seconds": calib_cpu_seconds,
               "model_size_mb": model_size_mb(model), "fp_model_size_mb": fp_size,
+              "stored_size_mb": sum(sizes.values()) / 1e6, "size_breakdown": sizes,
               "quantized_checkpoint": ckpt_path, **{k: cfg[k] for k in SWITCHES},
               "weight_per_channel": cfg["weight_per_channel"], "layers": layers}
     if mp_report is not None:

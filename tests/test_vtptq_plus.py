@@ -17,7 +17,8 @@ from mindspore import Tensor
 
 from src.config import ConfigError, defaults
 from src.models.vit import VisionTransformer
-from src.quant import calibrate_model, quant_cells, quantize_model, set_quant_mode
+from src.quant import (calibrate_model, model_size_mb, quant_cells, quantize_model, set_quant_mode, size_breakdown,
+                       stored_size_mb)
 from src.quant.convert import load_quantized_checkpoint, save_quantized_checkpoint
 from src.quant.layers import QuantDense, QuantMatMul
 from src.quant.quantizer import (fake_quant_asym_np, fake_quant_log_np, fake_quant_np, grid_levels, log_codes_np,
@@ -326,6 +327,34 @@ def test_impossible_combinations_exit_2(args, expect, tmp_path, capsys):
     assert not (out / "result.json").exists()
 
 
+# ----------------------------------------------------------------------------- sizes
+def test_size_breakdown_counts_every_stored_value():
+    """size_breakdown on a tiny vtptq_plus model, against a count by hand: packed weight codes,
+    float32 parameters, one interval per tensor (one per output channel of a per-channel weight),
+    a zero point per asymmetric grid, a byte per quantized operand."""
+    model = tiny_vit()
+    quantize_model(model, qcfg(method="vtptq_plus", w_bits=3, a_bits=4))
+    set_quant_mode(model, "quantized")
+    cells = dict(quant_cells(model))
+    params = {n: int(np.prod(p.shape)) for n, p in model.parameters_and_names()}
+    weights = {f"{n}.weight": c.w_q.bits for n, c in cells.items() if "w" in c.operands}
+    want = {"quantized_weights": sum(-(-params[n] * b // 8) for n, b in weights.items()),
+            "intervals": 0, "zero_points": 0, "grid_descriptors": 0}
+    for name, cell in cells.items():
+        for op in cell.operands:
+            want["intervals"] += 4 * params[f"{name}.{op}_scale"]
+            want["grid_descriptors"] += 1
+        if getattr(cell, "asym", False):
+            want["zero_points"] += 4
+    assert any(params[f"{n}.w_scale"] > 1 for n, c in cells.items() if "w" in c.operands)  # per-channel weights
+    want["fp_parameters"] = 4 * sum(v for n, v in params.items() if n not in weights and not n.endswith(
+        ("w_scale", "a_scale", "b_scale", "a_zero_point")))
+    got = size_breakdown(model)
+    assert got == want
+    assert stored_size_mb(model) == sum(want.values()) / 1e6
+    assert model_size_mb(model) * 1e6 <= want["quantized_weights"] + want["fp_parameters"] < model_size_mb(model) * 1e6 + len(weights)
+
+
 # ----------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def plus_run(tmp_path_factory):
@@ -346,11 +375,18 @@ def test_plus_result_records_switches_and_size(plus_run):
     assert res["calib_num"] == 32
     # model_size_mb equals vtptq's at the same bits
     from src.models import create_model
-    from src.quant import model_size_mb
     paper = create_model("deit_fmnist")
     quantize_model(paper, qcfg(method="vtptq", w_bits=3, a_bits=3))
     set_quant_mode(paper, "quantized")
     assert res["model_size_mb"] == model_size_mb(paper)
+    # stored_size_mb counts what model_size_mb leaves out: per-channel intervals, zero points, grid kinds
+    sizes, paper_sizes = res["size_breakdown"], size_breakdown(paper)
+    assert res["stored_size_mb"] == sum(sizes.values()) / 1e6 > res["model_size_mb"]
+    assert sizes["quantized_weights"] == paper_sizes["quantized_weights"]
+    assert sizes["fp_parameters"] == paper_sizes["fp_parameters"]  # folded LayerNorms replace the FP ones
+    fc2 = [n for n in res["layers"] if n.endswith("mlp.fc2")]
+    assert sizes["zero_points"] == 4 * len(fc2) and paper_sizes["zero_points"] == 0
+    assert sizes["intervals"] > paper_sizes["intervals"] == 4 * paper_sizes["grid_descriptors"]
     kinds = {n: d["a"].get("kind", "uniform") for n, d in res["layers"].items()}
     assert all(kinds[n] == "asym" for n in kinds if n.endswith("fc2"))
     assert all(kinds[n] in ("uniform", "log2", "logsqrt2") for n in kinds if n.endswith("matmul2"))

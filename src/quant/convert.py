@@ -170,6 +170,46 @@ def model_size_mb(model, quantized=True):
     return bits / 8 / 1e6
 
 
+def size_breakdown(model):
+    """Bytes of every quantity the quantized model stores, itemised (the deployed model: the
+    weights as packed codes, everything else as quantized.ckpt holds it):
+    - quantized_weights: each quantized layer's weight codes packed at its width, ceil(n·b / 8);
+    - fp_parameters: every other parameter in float32 (biases with their correction, LayerNorm
+      with a folded vtptq_plus reparameterization, embeddings, an FP head), 4 bytes each;
+    - intervals: the interval of every quantized operand (one per tensor, or one per output
+      channel of a per-channel weight), float32;
+    - zero_points: the zero point of an asymmetric grid (vtptq_plus post-GELU), float32;
+    - grid_descriptors: one byte per quantized operand for its width, signedness and grid kind
+      (uniform, asymmetric, log2, log√2).
+    Only operands that are on count. model_size_mb is the paper's measure (quantized weights at
+    their width plus the FP parameters), without the last three items."""
+    cells = dict(quant_cells(model))
+    on = {}
+    for name, cell in cells.items():
+        for op in cell.operands:
+            if getattr(cell, f"{op}_on"):
+                on[f"{name}.{op}"] = getattr(cell, f"{op}_q")
+    parts = dict.fromkeys(("quantized_weights", "fp_parameters", "intervals", "zero_points", "grid_descriptors"), 0)
+    for pname, p in model.parameters_and_names():
+        n = int(np.prod(p.shape))
+        layer, leaf = pname.rsplit(".", 1) if "." in pname else ("", pname)
+        if leaf == "weight" and f"{layer}.w" in on:
+            parts["quantized_weights"] += -(-n * on[f"{layer}.w"].bits // 8)
+        elif leaf in ("w_scale", "a_scale", "b_scale"):
+            parts["intervals"] += 4 * n if f"{layer}.{leaf[0]}" in on else 0
+        elif leaf == "a_zero_point":
+            parts["zero_points"] += 4 * n if f"{layer}.a" in on else 0
+        else:
+            parts["fp_parameters"] += 4 * n
+    parts["grid_descriptors"] = len(on)
+    return parts
+
+
+def stored_size_mb(model):
+    """Sum of size_breakdown(model) in MB (10^6 bytes)."""
+    return sum(size_breakdown(model).values()) / 1e6
+
+
 def layer_report(model):
     """{layer name: {operand: {bits, signed, scale, enabled}}} of the quantized cells."""
     return {name: cell.quant_info() for name, cell in quant_cells(model)}
@@ -413,5 +453,6 @@ def load_quantized_checkpoint(path, model_name=None):
 
 
 __all__ = ["QUANT_TABLE", "quant_targets", "quantize_model", "quant_cells", "set_quant_mode", "freeze_weights", "evaluation_model", "model_size_mb",
+           "size_breakdown", "stored_size_mb",
            "layer_report", "check_calibrated", "save_quantized_checkpoint", "load_quantized_checkpoint", "read_quant_meta",
            "QuantDense", "QuantConv2d", "QuantMatMul"]
