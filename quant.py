@@ -78,6 +78,9 @@ def mixed_precision_bits(cfg, calib_images, build_model):
     return layer_bits_from_modules(model, report["modules"]), report, target_mb
 
 
+LAST_FP = {}  # the FP predictions of the last FP evaluation of this process (run_embedded_suite reuses them)
+
+
 def fp_reference(cfg, dataset, model_fn):
     """FP metrics: from cfg['fp_result'] (checked to be the same model, checkpoint and data) or
     by evaluating the FP model."""
@@ -100,10 +103,32 @@ def fp_reference(cfg, dataset, model_fn):
         for key, value in want.items():
             if fp.get(key) != value:
                 raise ValueError(f"{path}: fp_result has {key} {fp.get(key)!r}, this run has {value!r}")
-        return {k: fp[k] for k in ("top1", "top5")}
-    res = evaluate_sharded(model_fn(), dataset, cfg["batch_size"], num_workers=cfg["num_workers"], desc="FP eval")
+        out = {k: fp[k] for k in ("top1", "top5")}
+        preds = fp.get("top1_predictions")
+        if isinstance(preds, dict) and all(isinstance(v, int) for v in preds.values()):
+            out["top1_predictions"] = preds
+        return out
+    res = evaluate_sharded(model_fn(), dataset, cfg["batch_size"], num_workers=cfg["num_workers"],
+                           keep_predictions=True, desc="FP eval")
+    res["top1_predictions"] = LAST_FP["top1_predictions"] = top1_predictions(res.pop("predictions"))
     print(f"full precision: top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%", flush=True)
     return res
+
+
+def top1_predictions(predictions):
+    """{image name: predicted class} of an evaluation's predictions."""
+    return {name: int(top[0]) for name, _, top, _ in predictions}
+
+
+def fp_agreement(fp_top1, predictions):
+    """Top-1 agreement with the FP model, in %: the share of images whose predicted class is the
+    FP model's (None without the FP predictions). The criterion every choice on the embedded val
+    split is made by: it needs no labels (the model was trained on those images)."""
+    if not fp_top1:
+        return None
+    ours = top1_predictions(predictions)
+    common = [n for n in ours if n in fp_top1]
+    return 100.0 * sum(ours[n] == fp_top1[n] for n in common) / len(common) if common else None
 
 
 def main(cfg):
@@ -195,14 +220,16 @@ def _quantize(cfg, dataset, calib_images, shardable, dist, out):
         save_quantized_checkpoint(model, out.path("quantized.ckpt"), cfg["model"], extra_meta={
             "method": cfg["method"], "w_bits": cfg["w_bits"], "a_bits": cfg["a_bits"]})
     freeze_weights(model)  # the intervals are final: quantize the weights once for the evaluation
-    res = evaluate_sharded(model, dataset, cfg["batch_size"], num_workers=cfg["num_workers"], desc="quantized eval")
+    res = evaluate_sharded(model, dataset, cfg["batch_size"], num_workers=cfg["num_workers"], keep_predictions=True,
+                           desc="quantized eval")
+    agreement = fp_agreement(fp.get("top1_predictions"), res.pop("predictions"))
     layers, sizes = layer_report(model), size_breakdown(model)
     for name, info in calib_report.items():
         layers[name]["calibration"] = info
     result = {"model": cfg["model"], "checkpoint": resolve_checkpoint(cfg), "data": data_description(cfg),
               **{k: res[k] for k in EVAL_FIELDS}, "device_target": cfg["device_target"], "mode": cfg["mode"],
               "method": cfg["method"], "w_bits": cfg["w_bits"], "a_bits": cfg["a_bits"],
-              "fp_top1": fp["top1"], "fp_top5": fp["top5"], "calib_num": len(calib_images),
+              "fp_top1": fp["top1"], "fp_top5": fp["top5"], "fp_agreement": agreement, "calib_num": len(calib_images),
               "calib_shards": dist.size if sharded else 1, "calib_images_per_rank": calib_per_rank,
               "calib_seconds": calib_seconds, "calib_cpu_seconds": calib_cpu_seconds,
               "model_size_mb": model_size_mb(model), "fp_model_size_mb": fp_size,
@@ -258,7 +285,8 @@ def run_embedded_suite(out_root="outputs/embedded_suite", variants=None, bits_li
                 if context().is_main:
                     atomic_write_json(fp_result, {"model": res["model"], "checkpoint": res["checkpoint"],
                                                   "data": res["data"], "num_images": res["num_images"],
-                                                  "top1": res["fp_top1"], "top5": res["fp_top5"]})
+                                                  "top1": res["fp_top1"], "top5": res["fp_top5"],
+                                                  "top1_predictions": LAST_FP.get("top1_predictions")})
                 barrier()  # the other ranks read it in the next run
             rows.append(res)
             bits_txt = res.get("mp_target") or f"W{res['w_bits']}A{res['a_bits']}"

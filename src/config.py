@@ -22,7 +22,8 @@ DEFAULTS = {
     "num_classes": (None, "override the number of classes of the model"),
     "drop_head": (False, "load a checkpoint without its classifier head (num_classes differs)"),
     "data": ("embedded", "'embedded' (the Fashion-MNIST copy in assets/) or an ImageNet root with train/ and val/"),
-    "split": ("val", "evaluation split under the ImageNet root ('test' is used for the embedded data)"),
+    "split": (None, "evaluation split: a folder of the ImageNet root (null: val); for the embedded data test (null) "
+                    "or val, 5,000 training images outside the calibration pool on which settings are chosen"),
     "batch_size": (100, "evaluation batch size"),
     "num_workers": (2, "image decoding threads"),
     "crop_pct": (None, "center-crop ratio (None: the model's default, 0.875 for DeiT at 224)"),
@@ -121,7 +122,7 @@ OPEN_LOW = {"percentile", "search_alpha"}
 MAX_CONFIG_BYTES = 1 << 20
 
 # Keys whose default is None but which hold a given type when set.
-TYPES = {"ckpt": str, "num_classes": int, "name": str, "crop_pct": float, "interpolation": str,
+TYPES = {"ckpt": str, "split": str, "num_classes": int, "name": str, "crop_pct": float, "interpolation": str,
          "max_images": int, "save_predictions": str, "output": str, "fp_result": str,
          "mp_min_bits": int, "ln_reparam": bool, "softmax_quantizer": str, "gelu_asymmetric": bool,
          "weight_channel_search": bool, "recon_iters": int,

@@ -88,11 +88,47 @@ def plot_accuracy_size(rows, path, title="top-1 against model size"):
         for r in rs:
             ax.annotate(r.get("tag", ""), (r["size_mb"], r["top1"]), fontsize=7, xytext=(4, 3),
                         textcoords="offset points")
-    ax.set_xlabel("model size (MB)")
+    ax.set_xlabel("model_size_mb (the paper's measure: weights at their width, other parameters at 32 bits)",
+                  fontsize=8)
     ax.set_ylabel("top-1 (%)")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, plt, path)
+    return path
+
+
+def plot_pair_grid(panels, w_bits, a_bits, path, title=""):
+    """Heat maps of a bit-pair grid, one panel per (title, {(w, a): value}) in `panels` (rows:
+    weight bits, columns: activation bits), each cell annotated with its value; a missing pair
+    is blank. The values are differences to full precision (points), so the colour scale is
+    centred on 0. Returns path, or None if skipped."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    import numpy as np
+    n = len(panels)
+    cols = min(3, n)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.0 * rows + 0.6), squeeze=False)
+    values = [v for _, cells in panels for v in cells.values() if v is not None]
+    lim = max([abs(v) for v in values] + [0.1])
+    for ax, (name, cells) in zip(axes.ravel(), panels):
+        grid = np.full((len(w_bits), len(a_bits)), np.nan)
+        for i, w in enumerate(w_bits):
+            for j, a in enumerate(a_bits):
+                if cells.get((w, a)) is not None:
+                    grid[i, j] = cells[(w, a)]
+                    ax.text(j, i, f"{grid[i, j]:+.2f}", ha="center", va="center", fontsize=7)
+        ax.imshow(grid, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
+        ax.set_xticks(range(len(a_bits)), [f"A{a}" for a in a_bits], fontsize=8)
+        ax.set_yticks(range(len(w_bits)), [f"W{w}" for w in w_bits], fontsize=8)
+        ax.set_title(name, fontsize=9)
+    for ax in axes.ravel()[n:]:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     _save(fig, plt, path)
     return path

@@ -17,24 +17,38 @@ def is_embedded(cfg):
     return cfg.get("data") in (None, "", "embedded")
 
 
-def build_eval_dataset(cfg, model_data_cfg):
-    """The evaluation split named by cfg['data'] / cfg['split'] with the model's preprocessing.
+def eval_split(cfg):
+    """The evaluation split: cfg['split'], else 'test' for the embedded data and 'val' for an
+    ImageNet root. The embedded data has 'test' (10,000 images, reported) and 'val' (5,000
+    training images outside the calibration pool, on which settings are chosen)."""
+    split = cfg.get("split")
+    if not is_embedded(cfg):
+        return split or "val"
+    split = split or "test"
+    if split not in ("test", "val"):
+        raise ValueError(f"split is {split!r}; the embedded data has the splits 'test' and 'val'")
+    return split
 
-    'embedded' gives the 10,000-image Fashion-MNIST test split carried in assets/ (only for
-    models whose data config says dataset 'fmnist'); anything else is an ImageNet root."""
+
+def build_eval_dataset(cfg, model_data_cfg):
+    """The evaluation split named by cfg['data'] / cfg['split'] (eval_split) with the model's
+    preprocessing.
+
+    'embedded' gives a Fashion-MNIST split carried in assets/ (only for models whose data config
+    says dataset 'fmnist'); anything else is an ImageNet root."""
     tcfg = data_transform_config(cfg, model_data_cfg)
     if is_embedded(cfg):
         if tcfg.get("dataset") != "fmnist":
-            raise ValueError(f"data 'embedded' is the Fashion-MNIST test split, which model "
+            raise ValueError(f"data 'embedded' is Fashion-MNIST, which model "
                              f"'{cfg['model']}' does not take; give --data IMAGENET_ROOT")
-        return EmbeddedFMNIST("test", tcfg["mean"], tcfg["std"], max_images=cfg.get("max_images"))
+        return EmbeddedFMNIST(eval_split(cfg), tcfg["mean"], tcfg["std"], max_images=cfg.get("max_images"))
     from .imagenet import ImageFolderDataset, build_eval_transform
     if tcfg.get("dataset") != "imagenet":
         raise ValueError(f"model '{cfg['model']}' takes the embedded Fashion-MNIST data, not an "
                          f"ImageNet folder ({cfg['data']})")
     transform = build_eval_transform(tcfg["input_size"], tcfg["mean"], tcfg["std"],
                                      crop_pct=tcfg["crop_pct"], interpolation=tcfg["interpolation"])
-    ds = ImageFolderDataset(cfg["data"], cfg.get("split", "val"), transform=transform,
+    ds = ImageFolderDataset(cfg["data"], eval_split(cfg), transform=transform,
                             skip_bad_images=cfg.get("skip_bad_images", False))
     if cfg.get("max_images") is not None:
         ds.samples = ds.samples[:cfg["max_images"]]
@@ -43,8 +57,8 @@ def build_eval_dataset(cfg, model_data_cfg):
 
 def data_description(cfg):
     if is_embedded(cfg):
-        return "embedded:fmnist_test"
-    return os.path.join(cfg["data"], cfg.get("split", "val"))
+        return f"embedded:fmnist_{eval_split(cfg)}"
+    return os.path.join(cfg["data"], eval_split(cfg))
 
 
 def load_calibration_images(cfg, model_data_cfg):
