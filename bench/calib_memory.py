@@ -15,22 +15,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import mindspore as ms  # noqa: E402
 
-import src.quant.calibrate as calibrate  # noqa: E402
-from src.config import defaults  # noqa: E402
-from src.models import create_model  # noqa: E402
-from src.quant import quantize_model  # noqa: E402
+from src.api import calibrate_model, create_model, defaults, quantize_model  # noqa: E402
 
 
 def main():
     ms.set_context(mode=ms.GRAPH_MODE)
-    all_stages = calibrate.model_stages
-    calibrate.model_stages = lambda m: all_stages(m)[:2]  # embedding and block 0
     model = create_model("deit_base_patch16_224")
     cfg = dict(defaults(), method="minmax", calib_num=1000)
     quantize_model(model, cfg)
     x = np.random.default_rng(0).standard_normal((1000, 3, 224, 224)).astype(np.float32)
     t = time.time()
-    calibrate.calibrate_model(model, x, cfg)
+    calibrate_model(model, x, cfg, stages=2)  # embedding and block 0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
     print(f"deit_base minmax 1000 images, embedding + block 0: {time.time() - t:.0f}s, peak RSS {peak:.2f} GB")
 

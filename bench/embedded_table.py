@@ -53,7 +53,7 @@ PLOT_BITS = range(2, 17)
 def plot(out_root):
     """OUT_ROOT/accuracy_size.png from the result.json of every run folder under OUT_ROOT."""
     import json
-    from src.plots import plot_accuracy_size
+    from src.api import plot_accuracy_size
     rows = []
     for label, over in VARIANTS + MP_VARIANTS:
         tags = [over["mp_target"]] if over.get("mixed_precision") else [f"w{b}a{b}" for b in PLOT_BITS]
