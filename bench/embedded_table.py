@@ -78,6 +78,7 @@ def main(argv=None):
     p.add_argument("--bits", default="8,6,4,3", help="uniform bit widths, comma-separated")
     p.add_argument("--no-mp", action="store_true", help="skip the mixed-precision rows")
     p.add_argument("--variants", help="comma-separated subset of: " + ", ".join(v for v, _ in VARIANTS))
+    p.add_argument("--max-images", type=int, default=None, help="first N test images (default: all 10,000)")
     p.add_argument("--output", default=os.path.join("outputs", "embedded_table"))
     p.add_argument("--plot-only", action="store_true", help="only redraw OUTPUT/accuracy_size.png")
     args = p.parse_args(argv)
@@ -95,7 +96,8 @@ def main(argv=None):
         variants = variants + MP_VARIANTS
     bits = tuple(int(b) for b in args.bits.split(","))
     quant.run_embedded_suite(args.output, variants, bits,
-                             overrides={"calib_num": args.calib_num, "calib_batch_size": 256})
+                             overrides={"calib_num": args.calib_num, "calib_batch_size": 256,
+                                        **({"max_images": args.max_images} if args.max_images else {})})
     plot(args.output)
 
 
