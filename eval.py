@@ -35,11 +35,13 @@ def build_parser():
 def main(cfg):
     """Evaluate per the resolved config dict; writes result.json and config.yaml; returns the result."""
     from src.data.build import build_eval_dataset, check_output_location, data_description
-    from src.distributed import evaluate_sharded, init_distributed, shard_indices
+    from src.distributed import init_distributed, shard_indices
     from src.engine import (build_model, quantized_checkpoint_model, resolve_checkpoint, setup_context,
                             write_predictions_csv)
     from src.models import get_data_config
-    from src.utils import RunOutput, atomic_write_json, check_writable_file
+    from src.run_folder import RunOutput
+    from src.sharded import evaluate_sharded
+    from src.utils import atomic_write_json, check_writable_file
 
     quantized_checkpoint_model(cfg)  # a quantized checkpoint (or an exported model) names its model
     check_output_location(cfg, output_dir(cfg, "eval"))  # not inside the data, not over the --ckpt
@@ -51,7 +53,7 @@ def main(cfg):
     dataset = build_eval_dataset(cfg, get_data_config(cfg["model"]))
     shard_indices(len(dataset), dist.rank, dist.size, cfg["batch_size"])  # more workers than batches: an error now
     # the run is written into a new folder beside OUTPUT and swapped in when it ends well
-    # (rank 0 only); a failure leaves OUTPUT as it was (src.utils.RunOutput)
+    # (rank 0 only); a failure leaves OUTPUT as it was (src.run_folder.RunOutput)
     with RunOutput(output_dir(cfg, "eval"), enabled=dist.is_main) as out:
         if dist.is_main:
             save_config(cfg, out.path("config.yaml"))

@@ -81,7 +81,7 @@ def main(args):
         export_onnx(model, out, batch_size=args.batch_size, model_name=meta["model"])
     if not os.path.isfile(out):
         raise ValueError(f"{out}: the {args.format} exporter wrote no file")
-    from src.utils import record_in_run_folder
+    from src.run_folder import record_in_run_folder
     # inside a run folder (quantized.ckpt's, the default): the export joins the run's manifest, so
     # that the next run into that folder replaces it with the rest
     record_in_run_folder(out, *([out[:-len(".mindir")] + "_variables"] if out.endswith(".mindir") else []))

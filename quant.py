@@ -85,8 +85,8 @@ def fp_reference(cfg, dataset, model_fn):
     """FP metrics: from cfg['fp_result'] (checked to be the same model, checkpoint and data) or
     by evaluating the FP model."""
     from src.data.build import data_description
-    from src.distributed import evaluate_sharded
     from src.engine import resolve_checkpoint
+    from src.sharded import evaluate_sharded
     if cfg.get("fp_result"):
         path = cfg["fp_result"]
         if not os.path.isfile(path):
@@ -139,7 +139,7 @@ def main(cfg):
     from src.models import get_data_config
     from src.quant.calibrate import METHODS, is_shardable
     from src.quant.vtptq_plus import resolve_switches
-    from src.utils import RunOutput
+    from src.run_folder import RunOutput
 
     check_config(cfg)  # also for configs built in code (run_embedded_suite, benchmarks)
     resolve_switches(cfg)  # null switches -> the method's default; impossible combinations: exit 2
@@ -174,7 +174,7 @@ def main(cfg):
         from src.quant.mixed_precision import is_shardable as mp_shardable
         shardable = shardable and mp_shardable(cfg)
     # the run is written into a new folder beside OUTPUT and swapped in when it ends well
-    # (rank 0 only); a failure leaves OUTPUT as it was (src.utils.RunOutput)
+    # (rank 0 only); a failure leaves OUTPUT as it was (src.run_folder.RunOutput)
     with RunOutput(output_dir(cfg, "quant"), enabled=dist.is_main) as out:
         calib_images = load_calibration_images(cfg, data_cfg)
         return _quantize(cfg, dataset, calib_images, shardable, dist, out)
@@ -185,13 +185,13 @@ def _quantize(cfg, dataset, calib_images, shardable, dist, out):
     shard when `shardable`), checkpoint, quantized evaluation; files go to `out` (a RunOutput)."""
     import numpy as np
     from src.data.build import data_description
-    from src.distributed import (all_gather, calibration_shard, evaluate_sharded, gather_counts, sharding_calibration,
-                                 sync_calibration)
+    from src.distributed import all_gather, calibration_shard, gather_counts, sharding_calibration
     from src.engine import build_model, resolve_checkpoint
     from src.quant import (calibrate_model, layer_report, model_size_mb, quantize_model, save_quantized_checkpoint,
                            size_breakdown)
     from src.quant.convert import freeze_weights
     from src.quant.vtptq_plus import SWITCHES
+    from src.sharded import evaluate_sharded, sync_calibration
     from src.utils import atomic_write_json
     if dist.is_main:
         save_config(cfg, out.path("config.yaml"))

@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import mindspore as ms  # noqa: E402
 
-from src.models import create_model, get_data_config  # noqa: E402
+from src.api import create_model, get_data_config  # noqa: E402
 
 
 def throughput(model, x, iters, warmup=2):

@@ -36,13 +36,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import mindspore as ms  # noqa: E402
 
-from src.config import defaults  # noqa: E402
-from src.utils import write_bench_json  # noqa: E402
-from src.export.onnx import export_onnx  # noqa: E402
-from src.models import create_model, get_data_config, list_models  # noqa: E402
-from src.models.registry import default_checkpoint  # noqa: E402
-from src.quant import calibrate_model, quant_cells, quantize_model, set_quant_mode  # noqa: E402
-from src.quant.convert import evaluation_model  # noqa: E402
+from src.api import (calibrate_model, create_model, default_checkpoint, defaults, evaluation_model,  # noqa: E402
+                     export_onnx, get_data_config, list_models, quant_cells, quantize_model, set_quant_mode,
+                     write_bench_json)
 
 TARGET_RATIO = 1.5
 TARGET_MS_FP = 0.6  # MindSpore FP GRAPH / onnxruntime FP32 (issue #12)

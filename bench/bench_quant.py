@@ -31,14 +31,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import mindspore as ms  # noqa: E402
 
-from src.config import defaults  # noqa: E402
-from src.utils import write_bench_json  # noqa: E402
-from src.data.build import load_calibration_images  # noqa: E402
-from src.data.fmnist import load_embedded, normalize  # noqa: E402
-from src.models import create_model, get_data_config, list_models  # noqa: E402
-from src.models.registry import default_checkpoint  # noqa: E402
-from src.quant import METHODS, calibrate_model, quant_cells, quantize_model, set_quant_mode  # noqa: E402
-from src.quant.convert import evaluation_model  # noqa: E402
+from src.api import (METHODS, calibrate_model, create_model, default_checkpoint, defaults, evaluation_model,  # noqa: E402
+                     get_data_config, list_models, load_calibration_images, load_embedded, normalize, quant_cells,
+                     quantize_model, set_quant_mode, write_bench_json)
 
 DEFAULT_MODELS = ("deit_fmnist", "deit_small_patch16_224")
 DEFAULT_BATCH = {"deit_fmnist": 100, "deit_small_patch16_224": 32}

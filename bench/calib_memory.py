@@ -3,7 +3,9 @@ over the embedding stage and the first block. Every block stage has the same sha
 is the peak of a whole-model calibration (which takes about 10 minutes per block on 2 CPU cores).
 
     python bench/calib_memory.py
+    python bench/calib_memory.py --model deit_fmnist --calib-num 8     # a quick check of the script
 """
+import argparse
 import os
 import resource
 import sys
@@ -15,24 +17,26 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import mindspore as ms  # noqa: E402
 
-import src.quant.calibrate as calibrate  # noqa: E402
-from src.config import defaults  # noqa: E402
-from src.models import create_model  # noqa: E402
-from src.quant import quantize_model  # noqa: E402
+from src.api import calibrate_model, create_model, defaults, get_data_config, quantize_model  # noqa: E402
 
 
-def main():
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="deit_base_patch16_224", help="registered model, random weights "
+                                                                      "(default deit_base_patch16_224)")
+    p.add_argument("--calib-num", type=int, default=1000, help="random calibration images (default 1000)")
+    args = p.parse_args(argv)
     ms.set_context(mode=ms.GRAPH_MODE)
-    all_stages = calibrate.model_stages
-    calibrate.model_stages = lambda m: all_stages(m)[:2]  # embedding and block 0
-    model = create_model("deit_base_patch16_224")
-    cfg = dict(defaults(), method="minmax", calib_num=1000)
+    model = create_model(args.model)
+    cfg = dict(defaults(), method="minmax", calib_num=args.calib_num)
     quantize_model(model, cfg)
-    x = np.random.default_rng(0).standard_normal((1000, 3, 224, 224)).astype(np.float32)
+    c, h, w = get_data_config(args.model)["input_size"]
+    x = np.random.default_rng(0).standard_normal((args.calib_num, c, h, w)).astype(np.float32)
     t = time.time()
-    calibrate.calibrate_model(model, x, cfg)
+    calibrate_model(model, x, cfg, stages=2)  # embedding and block 0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-    print(f"deit_base minmax 1000 images, embedding + block 0: {time.time() - t:.0f}s, peak RSS {peak:.2f} GB")
+    print(f"{args.model} minmax {args.calib_num} images, embedding + block 0: {time.time() - t:.0f}s, "
+          f"peak RSS {peak:.2f} GB")
 
 
 if __name__ == "__main__":

@@ -40,12 +40,8 @@ def main(argv=None):
     import numpy as np
     import mindspore as ms
     import bench_quant
-    import src.quant.calibrate as calibrate
-    from src.quant import quant_cells, quantize_model
+    from src.api import calibrate_model, model_stages, quant_cells, quantize_model
 
-    all_stages = calibrate.model_stages
-    if args.stages:
-        calibrate.model_stages = lambda m: all_stages(m)[:args.stages]
     bench_quant.RANKING_PAIRS = args.ranking_pairs
     images = bench_quant.calibration_images(args.model, args.calib_num)
     cfg = bench_quant.bench_cfg(args.model, args.method, len(images), args.bits)
@@ -55,9 +51,9 @@ def main(argv=None):
     quantize_model(model, cfg)
     log = sys.stdout if args.verbose else io.StringIO()
     t0 = time.perf_counter()
-    report = calibrate.calibrate_model(model, images, cfg, log=log)
+    report = calibrate_model(model, images, cfg, log=log, stages=args.stages or None)
     seconds = time.perf_counter() - t0
-    stage_names = [name for name, _, _ in all_stages(model)]
+    stage_names = [name for name, _, _ in model_stages(model)]
     blocks = [s for s in stage_names if s.startswith("blocks.")]
     def stage_of(layer):
         return "embed" if layer.startswith("patch_embed") else ".".join(layer.split(".")[:2])

@@ -45,9 +45,8 @@ def imagenet_layout(images_dir, root):
 def make_checkpoint(model_name, path, calib_num=8):
     import numpy as np
     import mindspore as ms
-    from src.config import defaults
-    from src.models import create_model, get_data_config
-    from src.quant import calibrate_model, quantize_model, save_quantized_checkpoint, set_quant_mode
+    from src.api import (calibrate_model, create_model, defaults, get_data_config, quantize_model,
+                         save_quantized_checkpoint, set_quant_mode)
     ms.set_device("CPU")
     ms.set_seed(0)
     c, h, w = get_data_config(model_name)["input_size"]
@@ -85,7 +84,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.batch_size < 1:
         sys.exit(f"error: --batch-size is {args.batch_size}; expected a positive number")
-    from src.models import list_models
+    from src.api import list_models
     if args.model not in list_models():
         sys.exit(f"error: unknown model '{args.model}' (known: {', '.join(list_models())})")
     with tempfile.TemporaryDirectory() as tmp:
@@ -111,7 +110,7 @@ def main(argv=None):
     print(f"\nquantized / FP peak memory = {ratio:.2f}x (target <= {TARGET_RATIO}x: "
           f"{'ok' if ratio <= TARGET_RATIO else 'ABOVE'}); load average at the end {result['load_average']:.2f}")
     if args.json:
-        from src.utils import write_bench_json
+        from src.api import write_bench_json
         write_bench_json(args.json, result)
     return result
 

@@ -43,13 +43,8 @@ def main(argv=None):
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     a = p.parse_args(argv)
 
-    from src.data.fmnist import load_embedded, normalize
-    from src.engine import predict, setup_context
-    from src.export.onnx import export_onnx
-    from src.export.ort_run import run_on_cpu
-    from src.models import get_data_config
-    from src.quant import load_quantized_checkpoint
-    from src.utils import write_bench_json
+    from src.api import (export_onnx, get_data_config, load_embedded, load_quantized_checkpoint, normalize, predict,
+                         run_on_cpu, setup_context, write_bench_json)
 
     setup_context("CPU", "graph")
     model, meta = load_quantized_checkpoint(a.ckpt)[:2]

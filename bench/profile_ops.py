@@ -31,13 +31,13 @@ def profile_one(what, model_name, batch, out_dir):
     import numpy as np
     import mindspore as ms
     from mindspore import Profiler
-    from src.models import create_model, get_data_config
+    from src.api import create_model, get_data_config
     ms.set_device("CPU")
     ms.set_context(mode=ms.GRAPH_MODE)
     if what == "fp":
         model = create_model(model_name)
     else:
-        from src.quant.convert import load_quantized_checkpoint
+        from src.api import load_quantized_checkpoint
         model = load_quantized_checkpoint(what, model_name)[0]
     model.set_train(False)
     c, h, w = get_data_config(model_name)["input_size"]
@@ -104,7 +104,7 @@ def main(argv=None):
         return prof
     if args.batch_size < 1:
         sys.exit(f"error: --batch-size is {args.batch_size}; expected a positive number")
-    from src.models import list_models
+    from src.api import list_models
     if args.model not in list_models():
         sys.exit(f"error: unknown model '{args.model}' (known: {', '.join(list_models())})")
     print(f"profile_ops: {args.model}, batch {args.batch_size}, GRAPH mode, load average {os.getloadavg()[0]:.2f}",
@@ -125,7 +125,7 @@ def main(argv=None):
     result["load_average"] = os.getloadavg()[0]
     print(f"\nload average at the end: {result['load_average']:.2f}")
     if args.json:
-        from src.utils import write_bench_json
+        from src.api import write_bench_json
         write_bench_json(args.json, result)
     return result
 

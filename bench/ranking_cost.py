@@ -20,8 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from src.quant.vtptq import (ranking_loss, ranking_loss_all_pairs, ranking_loss_reference,  # noqa: E402
-                             sample_pairs)
+from src.api import ranking_loss, ranking_loss_all_pairs, ranking_loss_reference, sample_pairs  # noqa: E402
 
 
 def timed(fn, repeats):

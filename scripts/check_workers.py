@@ -2,7 +2,7 @@
 
     python scripts/check_workers.py NUM_WORKERS ENTRY [ENTRY flags...]     (ENTRY: eval.py or quant.py)
 
-Every worker evaluates a shard of at least one whole batch (src.distributed.shard_indices;
+Every worker evaluates a shard of at least one whole batch (src.api.shard_indices;
 calibration shares its batches when there are enough of them, else every worker calibrates on
 all images); more workers than evaluation batches, or a flag or config that ENTRY would
 refuse, is one line `error: ...` and exit status 2, before msrun starts any worker (msrun
@@ -20,11 +20,8 @@ os.environ.setdefault("GLOG_v", "3")
 
 def check(workers, entry, argv):
     """Raise a one-line error (ValueError/ConfigError) if `workers` workers do not fit."""
-    from src.config import ConfigError, check_config, resolve
-    from src.data.build import build_eval_dataset
-    from src.distributed import shard_indices
-    from src.engine import quantized_checkpoint_model
-    from src.models import get_data_config
+    from src.api import (ConfigError, build_eval_dataset, check_config, get_data_config, quantized_checkpoint_model,
+                         resolve, resolve_switches, shard_indices)
     if entry not in ("eval.py", "quant.py"):
         raise ConfigError(f"ENTRY is {entry!r}; expected eval.py or quant.py")
     module = importlib.import_module(entry[:-3])
@@ -34,7 +31,6 @@ def check(workers, entry, argv):
     dataset = build_eval_dataset(cfg, get_data_config(cfg["model"]))
     shard_indices(len(dataset), 0, workers, cfg["batch_size"])  # more workers than batches: a one-line ValueError
     if entry == "quant.py":
-        from src.quant.vtptq_plus import resolve_switches
         resolve_switches(cfg)  # impossible switch combinations: a one-line error
 
 
@@ -44,7 +40,7 @@ def main(argv=None):
         print("error: usage: python scripts/check_workers.py NUM_WORKERS ENTRY [ENTRY flags...] (NUM_WORKERS >= 1)",
               file=sys.stderr)
         return 2
-    from src.utils import run_cli
+    from src.api import run_cli
     return run_cli(check, int(argv[0]), argv[1], argv[2:])
 
 

@@ -34,8 +34,7 @@ def main(argv=None):
     try:
         if not args.output.lower().endswith(".ckpt"):
             raise ValueError(f"output '{args.output}' must end with .ckpt")
-        from src.models import create_model
-        from src.models.weights import save_mindspore_checkpoint
+        from src.api import create_model, save_mindspore_checkpoint
         model = create_model(args.model, num_classes=args.num_classes, checkpoint=args.input,
                              drop_head=args.drop_head)
         save_mindspore_checkpoint(model, args.output)

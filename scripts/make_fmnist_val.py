@@ -14,9 +14,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from src.data.fmnist import (FMNIST_SYSTEM_DIR, VAL_IMAGES, VAL_SEED, embedded_path, load_idx_split,  # noqa: E402
-                             val_indices)
-from src.utils import atomic_save_npz  # noqa: E402
+from src.api import (FMNIST_SYSTEM_DIR, VAL_IMAGES, VAL_SEED, atomic_save_npz, embedded_path,  # noqa: E402
+                     load_idx_split, val_indices)
 
 
 def main(argv=None):

@@ -22,8 +22,7 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from src.config import load_yaml  # noqa: E402
-from src.utils import atomic_write_text  # noqa: E402
+from src.api import atomic_write_text, load_yaml  # noqa: E402
 
 WEIGHT_EXTS = (".ckpt", ".safetensors", ".npz", ".pth")
 

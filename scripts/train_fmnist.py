@@ -23,9 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import mindspore as ms  # noqa: E402
 from mindspore import nn  # noqa: E402
 
-from src.data.fmnist import FMNIST_SYSTEM_DIR, load_idx_split, normalize  # noqa: E402
-from src.models import create_model, get_data_config  # noqa: E402
-from src.utils import atomic_save_npz, atomic_write_json, save_checkpoint_atomic  # noqa: E402
+from src.api import (FMNIST_SYSTEM_DIR, atomic_save_npz, atomic_write_json, create_model, get_data_config,  # noqa: E402
+                     load_idx_split, normalize, save_checkpoint_atomic)
 
 
 def parse_args(argv=None):

@@ -281,7 +281,7 @@ def resolve(args):
 
 def output_dir(cfg, kind):
     """The run's output folder: cfg['output'] or outputs/<name or model_kind>/ (not created:
-    src.utils.RunOutput writes the run beside it and swaps it in at the end)."""
+    src.run_folder.RunOutput writes the run beside it and swaps it in at the end)."""
     return cfg.get("output") or os.path.join("outputs", cfg.get("name") or f"{cfg['model']}_{kind}")
 
 

@@ -17,7 +17,8 @@ import numpy as np  # noqa: E402
 import mindspore as ms  # noqa: E402
 
 from src.config import defaults  # noqa: E402
-from src.distributed import calibration_shard, calibration_state, gather_counts, init_distributed  # noqa: E402
+from src.distributed import calibration_shard, gather_counts, init_distributed  # noqa: E402
+from src.sharded import calibration_state  # noqa: E402
 from src.models.vit import VisionTransformer  # noqa: E402
 from src.quant import METHODS, calibrate_model, quantize_model, register_method  # noqa: E402
 from src.quant.calibrate import MinMax, is_shardable  # noqa: E402

@@ -17,9 +17,9 @@ import mindspore as ms
 from src import distributed
 from src.config import defaults
 from src.data.build import build_eval_dataset
-from src.distributed import (DistContext, calibration_shard, calibration_shard_indices, calibration_state,
-                             dataset_names, evaluate_sharded, gather_rows, gather_samples, max_over_samples,
-                             shard_indices, sync_calibration)
+from src.distributed import (DistContext, calibration_shard, calibration_shard_indices, gather_rows, gather_samples,
+                             max_over_samples, shard_indices)
+from src.sharded import calibration_state, dataset_names, evaluate_sharded, sync_calibration
 from src.engine import evaluate, predict
 from src.models import create_model, get_data_config
 from src.quant import METHODS, calibrate_model, quantize_model, set_quant_mode

@@ -26,13 +26,14 @@ from _helpers import randomize, registered_vit
 import mindspore as ms
 from mindspore import Tensor
 
-from src import utils
+from src import run_folder, utils
 from src.config import ConfigError, defaults, load_yaml
 from src.data.imagenet import MAX_RESIZED_PIXELS, ImageSizeError, build_eval_transform
 from src.models import create_model
 from src.quant import calibrate_model, quantize_model, save_quantized_checkpoint
 from src.quant.convert import META_KEY
-from src.utils import RunOutput, atomic_write_text
+from src.run_folder import RunOutput
+from src.utils import atomic_write_text
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
@@ -121,12 +122,12 @@ def test_failed_rerun_leaves_folder_and_keeps_checkpoint(tmp_path, capsys, monke
     out = tmp_path / "run"
     assert quant_script.cli([*QUICK, "--w-bits", "8", "--a-bits", "8", "--output", str(out)]) == 0
     before = {n: (out / n).read_bytes() for n in os.listdir(out)}
-    assert set(before) == {"config.yaml", "quantized.ckpt", "result.json", utils.RUN_MANIFEST}
+    assert set(before) == {"config.yaml", "quantized.ckpt", "result.json", run_folder.RUN_MANIFEST}
     capsys.readouterr()
     (tmp_path / "run.failed").mkdir()  # a folder of the user's where the failed run would go: kept
     (tmp_path / "run.failed" / "notes.txt").write_text("mine")
 
-    import src.distributed as dist
+    import src.sharded as dist
     real = dist.evaluate_sharded
 
     def failing(model, dataset, *a, desc="eval", **kw):
@@ -150,13 +151,13 @@ def test_rerun_replaces_the_whole_folder(tmp_path):
     out = tmp_path / "run"
     assert eval_script.cli(["--max-images", "10", "--output", str(out), "--save-predictions",
                             str(out / "p.csv")]) == 0
-    manifest = json.loads((out / utils.RUN_MANIFEST).read_text())
-    assert manifest["marker"] == utils.RUN_MARKER and sorted(manifest["files"]) == ["config.yaml", "p.csv", "result.json"]
+    manifest = json.loads((out / run_folder.RUN_MANIFEST).read_text())
+    assert manifest["marker"] == run_folder.RUN_MARKER and sorted(manifest["files"]) == ["config.yaml", "p.csv", "result.json"]
     (out / "quantized.onnx").write_bytes(b"an export of the run")
-    utils.record_in_run_folder(str(out / "quantized.onnx"))  # as export.py does for its default output
+    run_folder.record_in_run_folder(str(out / "quantized.onnx"))  # as export.py does for its default output
     assert eval_script.cli(["--max-images", "12", "--output", str(out), "--save-predictions",
                             str(out / "p.csv")]) == 0
-    assert sorted(os.listdir(out)) == ["config.yaml", "p.csv", "result.json", utils.RUN_MANIFEST]
+    assert sorted(os.listdir(out)) == ["config.yaml", "p.csv", "result.json", run_folder.RUN_MANIFEST]
     assert json.loads((out / "result.json").read_text())["num_images"] == 12
     assert len((out / "p.csv").read_text().splitlines()) == 13
     assert not leftovers(tmp_path)
@@ -223,7 +224,7 @@ def test_folder_of_other_files_is_never_replaced(tmp_path, capsys, case, words):
         with open(out / "config.yaml", "a") as f:
             f.write("# my notes\n")
     elif case == "forged manifest":
-        (out / utils.RUN_MANIFEST).write_text(json.dumps({"marker": "x", "files": {"thesis.tex": {}}}))
+        (out / run_folder.RUN_MANIFEST).write_text(json.dumps({"marker": "x", "files": {"thesis.tex": {}}}))
         (out / "thesis.tex").write_text("precious")
     elif case == "manifest lists a link":
         (tmp_path / "victim").write_bytes((out / "result.json").read_bytes())
@@ -241,10 +242,10 @@ def test_export_into_a_run_folder_joins_its_manifest(tiny, tmp_path):
     with RunOutput(out) as run:
         tiny_quantized_ckpt(run.path("quantized.ckpt"), tiny)
     assert export_script.cli(["--ckpt", str(out / "quantized.ckpt"), "--format", "onnx"]) == 0  # default: beside it
-    assert "quantized.onnx" in json.loads((out / utils.RUN_MANIFEST).read_text())["files"]
+    assert "quantized.onnx" in json.loads((out / run_folder.RUN_MANIFEST).read_text())["files"]
     with RunOutput(out) as run:  # the next run replaces the export with the rest
         atomic_write_text(run.path("config.yaml"), "model: x\n")
-    assert sorted(os.listdir(out)) == ["config.yaml", utils.RUN_MANIFEST] and not leftovers(tmp_path)
+    assert sorted(os.listdir(out)) == ["config.yaml", run_folder.RUN_MANIFEST] and not leftovers(tmp_path)
 
 
 def test_foreign_file_added_during_the_run_is_kept(tmp_path):
@@ -258,8 +259,8 @@ def test_foreign_file_added_during_the_run_is_kept(tmp_path):
             utils.atomic_write_json(run.path("result.json"), {"model": "x"})
             (out / "late.txt").write_text("written while the run ran")
     assert "kept in" in str(e.value.__notes__)
-    assert sorted(os.listdir(out)) == ["config.yaml", "late.txt", utils.RUN_MANIFEST]
-    assert sorted(os.listdir(tmp_path / "run.failed")) == ["result.json", utils.RUN_MANIFEST]
+    assert sorted(os.listdir(out)) == ["config.yaml", "late.txt", run_folder.RUN_MANIFEST]
+    assert sorted(os.listdir(tmp_path / "run.failed")) == ["result.json", run_folder.RUN_MANIFEST]
     assert sorted(os.listdir(tmp_path)) == ["run", "run.failed"]
 
 
@@ -268,10 +269,10 @@ def test_folder_of_an_earlier_run_without_manifest_is_replaced(tmp_path):
     config.yaml of config keys (or a result.json of a result)."""
     out = tmp_path / "old"
     _earlier_run(out)
-    os.remove(out / utils.RUN_MANIFEST)
+    os.remove(out / run_folder.RUN_MANIFEST)
     (out / "quantized.onnx").write_bytes(b"an export")
     assert eval_script.cli(["--max-images", "6", "--output", str(out)]) == 0
-    assert sorted(os.listdir(out)) == ["config.yaml", "result.json", utils.RUN_MANIFEST]
+    assert sorted(os.listdir(out)) == ["config.yaml", "result.json", run_folder.RUN_MANIFEST]
     assert json.loads((out / "result.json").read_text())["num_images"] == 6
 
 
@@ -539,7 +540,7 @@ def test_crop_pct_is_range_checked(capsys):
     (["--calib-num", "1000000000000"], "key 'calib_num' is 1000000000000; expected a value from 1"),
 ])
 def test_bad_values_fail_before_any_work(flags, words, tmp_path, capsys, monkeypatch):
-    import src.distributed as dist
+    import src.sharded as dist
     (tmp_path / "list.json").write_text("[1, 2]")
     flags = [f.format(list_json=tmp_path / "list.json") for f in flags]
     monkeypatch.setattr(dist, "evaluate_sharded", lambda *a, **k: pytest.fail("evaluation started"))
@@ -603,7 +604,7 @@ def rewrite_entry(src, dst, name, value):
     ("nan bias", "'blocks.0.mlp.fc1.bias' holds 1 NaN or infinite values (first nan at index [3])"),
 ])
 def test_bad_quantized_entry_is_one_line(tiny, tmp_path, capsys, monkeypatch, which, words):
-    import src.distributed as dist
+    import src.sharded as dist
     good = tiny_quantized_ckpt(tmp_path / "good.ckpt", tiny)
     params = ms.load_checkpoint(str(good))
     if which == "0-d w_scale":
@@ -652,7 +653,7 @@ def test_bad_safetensors_header_is_one_line(tiny, tmp_path, capsys, header, word
 
 @pytest.mark.parametrize("script", ["eval", "quant"])
 def test_non_finite_weights_refused_at_load(tmp_path, capsys, monkeypatch, script):
-    import src.distributed as dist
+    import src.sharded as dist
     from src.models.registry import default_checkpoint
     params = ms.load_checkpoint(default_checkpoint("deit_fmnist"))
     names = list(params)

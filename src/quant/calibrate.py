@@ -353,9 +353,11 @@ def calibration_session(model):
         ms.set_context(mode=prev_mode)
 
 
-def calibrate_model(model, images, qcfg, log=sys.stderr):
+def calibrate_model(model, images, qcfg, log=None, stages=None):
     """Calibrate every quantized cell of `model` on images (N, C, H, W) with qcfg['method'],
-    stage by stage. Leaves the model in quantized mode. Returns {layer: info}."""
+    stage by stage. Leaves the model in quantized mode. Returns {layer: info}. `stages`: only
+    the first that many stages of model_stages (benchmarks that time part of a model)."""
+    log = sys.stderr if log is None else log  # the stream of the call, not of the import
     method = get_method(qcfg)
     keep_heap_memory()
     batch = qcfg["calib_batch_size"]
@@ -365,7 +367,7 @@ def calibrate_model(model, images, qcfg, log=sys.stderr):
     x_q = x_fp
     start = time.time()
     with calibration_session(model) as cells:
-        for _, fn, names in model_stages(model):
+        for _, fn, names in model_stages(model)[:stages]:
             if hasattr(method, "before_stage"):  # e.g. vtptq_plus folds LayerNorm scales into the stage
                 method.before_stage(fn, x_fp, batch)
             fp_out = []  # the FP stage output, when calibrate_stage's pass of the FP targets made it

@@ -94,6 +94,7 @@ def quantize_model(model, qcfg, layer_bits=None):
             if name.endswith("matmul1"):  # Q·Kᵀ: its output times the attention's scale is the score matrix
                 new.is_attention_scores = True
                 new.scores_scale = float(cells[name.rpartition(".")[0]].scale)
+        new.layer_name = name
         _set_child(model, name, new)
     return names
 

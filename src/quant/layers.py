@@ -52,6 +52,7 @@ class QuantCellMixin:
     _fp_weight = None
     w_frozen = False  # the weight parameter holds the quantized weight while w is on: no weight quantizer
     fq_op = None  # the fused CPU activation quantizer (src/kernels), or None: the MindSpore chain
+    layer_name = None  # the cell's name in its model (set by quantize_model): the key of per-layer state
 
     def _init_kernels(self):
         """Use the fused CPU quantizer for the activation operands if src/kernels provides it now."""
@@ -76,6 +77,7 @@ class QuantCellMixin:
             for op in self.operands:
                 if op != "w":
                     setattr(self, f"{op}_on", bool(act))
+        self._apply_weight()
         self._apply_bias()
 
     def quantizing(self):
@@ -94,7 +96,7 @@ class QuantCellMixin:
         if self._fp_weight is None:
             self._fp_weight = self.weight.asnumpy().copy()
         self.weight_q = np.asarray(value, np.float32).reshape(self._fp_weight.shape)
-        self._apply_bias()
+        self._apply_weight()
 
     def freeze_weight(self, already_quantized=False):
         """Store the fake-quantized weight once (as weight_q, computed by the forward pass's own
@@ -117,9 +119,15 @@ class QuantCellMixin:
         self.set_quantized_weight(value)
         self.w_frozen = True
 
-    def _apply_bias(self):
+    def _apply_weight(self):
+        """The weight parameter: weight_q while the weight quantizer is on, the FP weight while it
+        is off (only once a quantized weight was set)."""
         if self.weight_q is not None:
             self.weight.set_data(Tensor(self.weight_q if self.w_on else self._fp_weight))
+
+    def _apply_bias(self):
+        """The bias parameter: the FP bias minus the correction while any quantizer is on, the FP
+        bias while all are off (only once a correction was set)."""
         if self.bias_corr is not None:
             value = self._fp_bias - self.bias_corr if self.quantizing() else self._fp_bias
             self.bias.set_data(Tensor(value.astype(np.float32)))

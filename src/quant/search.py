@@ -8,6 +8,8 @@ A quantized layer is a bilinear function of two operands, out = a @ op(b) (+ bia
 The search quantizes one operand with each candidate interval while the other stays
 quantized at its current interval, and scores each candidate on all calibration samples.
 """
+import functools
+
 import numpy as np
 
 from ..distributed import gather_samples
@@ -249,89 +251,116 @@ def _score_dense_moments(problem, which, candidates, a_hat, b_hat_right, bits, s
       Σ o²   = <ŴᵀŴ, x̂ᵀ x̂> + 2 (Ŵᵀ b)·(Σ_t x̂) + T ‖b‖²
     (t' the centered target for Pearson, the target for cosine). A weight search then costs
     per-sample Gram matrices once and small products per candidate instead of C full layer
-    outputs; an input search uses x̂ (ŴᵀŴ) when the layer widens (in < out). Sums in float64.
+    outputs (_weight_search_moments); an input search uses x̂ (ŴᵀŴ) when the layer widens
+    (in < out) (_input_search_moments). Sums in float64.
 
     memo (see score_candidates): the bias-free terms <Ŵ, t'ᵀ x̂>, (Σ_t x̂)·(Σ_o Ŵ_o), <ŴᵀŴ, x̂ᵀ x̂>
     and Σ_t x̂ per chunk are kept; a repeated search recomputes only the bias terms, with the
     same operations on the same arrays. memo["layer"], when present, is shared by the memos of
     one layer: weight searches at different input intervals reuse the candidates' ŴᵀŴ there."""
-    a, tgt = problem.a, problem.target
-    n_tok, k = a.shape[-2], a.shape[-1]
-    n = problem.n
-    m = problem.out_elems
-    bias = np.zeros(tgt.shape[-1]) if problem.bias is None else problem.bias.astype(np.float64)
     key = ("moments", which, candidates.tobytes(), objective, bits, signed, CHUNK_ELEMS)
-    parts = None if memo is None else memo.get(key)
-    if parts is None:
-        parts = {}
-        if memo is not None:
-            memo[key] = parts
-    hit = "t_norm2" in parts
-    if hit:
-        t_sum, t_norm2 = parts["t_sum"], parts["t_norm2"]
-    else:
-        t = tgt.reshape(n, n_tok, -1).astype(np.float64)
-        if objective == "pearson":
-            t = t - t.mean(axis=(1, 2), keepdims=True)
-        t_norm2 = np.einsum("nto,nto->n", t, t)
-        t_sum = t.sum(axis=1)
-    t_bias = t_sum @ bias  # Σ_o b_o Σ_t t'_o, (n,)
-    const_o, const_oo = n_tok * bias.sum(), n_tok * float(bias @ bias)
-    if which == "b":
-        if hit:
-            x_sum = parts["x_sum"]
-        else:
-            x = a_hat.reshape(n, n_tok, k).astype(np.float64)
-            x_sum = x.sum(axis=1)                                   # (n, K)
-            xt = np.swapaxes(x, 1, 2)
-            gram_x = np.matmul(xt, x).reshape(n, -1)                    # (n, K·K)
-            cross_x = np.matmul(np.swapaxes(t, 1, 2), x).reshape(n, -1)  # (n, O·K)
-            gram_w = np.empty((min(16, len(candidates)), k, k), np.float64)  # reused: up to 16 x K² x 8 bytes
-        # ŴᵀŴ of every candidate depends on neither operand's other interval nor the bias: the
-        # searches of one layer share them when they fit GRAM_KEEP_BYTES
-        layer = None if memo is None else memo.get("layer")
-        grams = None
-        if layer is not None and len(candidates) * k * k * 8 <= GRAM_KEEP_BYTES:
-            grams = layer.setdefault(("gram_w", candidates.tobytes(), bits, signed), {})
-        per_sample = np.zeros((len(candidates), n), np.float64)
-        for c0 in range(0, len(candidates), 16):
-            cs = candidates[c0:c0 + 16]
-            w = fake_quant_np(problem.b[None], _expand_candidates(cs, problem.b.ndim), bits, signed).astype(np.float64)
-            if hit:
-                wx, wsx, gx = parts[c0]
-            else:
-                wx = w.reshape(len(cs), -1) @ cross_x.T
-                wsx = w.sum(axis=1) @ x_sum.T
-                g = None if grams is None else grams.get(c0)
-                if g is None:
-                    out = gram_w[:len(cs)] if grams is None else np.empty((len(cs), k, k), np.float64)
-                    g = np.matmul(np.swapaxes(w, 1, 2), w, out=out)
-                    if grams is not None:
-                        grams[c0] = g
-                gx = g.reshape(len(cs), -1) @ gram_x.T
-                parts[c0] = wx, wsx, gx
-            cross = wx + t_bias                        # (c, n)
-            s_o = wsx + const_o
-            s_oo = gx + 2.0 * (np.einsum("cok,o->ck", w, bias) @ x_sum.T) + const_oo
-            per_sample[c0:c0 + len(cs)] = _similarity_from_sums(objective, cross, s_o, s_oo, t_norm2, m)
-        if not hit:
-            parts.update(x_sum=x_sum, t_sum=t_sum, t_norm2=t_norm2)
-        return sample_mean(per_sample, None)
+    parts = {} if memo is None else memo.setdefault(key, {})
+    layer = None if memo is None else memo.get("layer")
+    target = functools.cache(lambda: _target_moments(problem, objective))  # only where a term is computed
+    t_sum, t_norm2 = (parts["t_sum"], parts["t_norm2"]) if "t_norm2" in parts else target()[1:]
+    bias = np.zeros(problem.target.shape[-1]) if problem.bias is None else problem.bias.astype(np.float64)
+    n_tok = problem.a.shape[-2]
+    # the bias terms: Σ_o b_o Σ_t t'_o (n,), T Σ b and T ‖b‖²
+    bias_terms = _BiasTerms(bias, t_sum @ bias, n_tok * bias.sum(), n_tok * float(bias @ bias))
+    search = _weight_search_moments if which == "b" else _input_search_moments
+    per_sample, step = search(problem, candidates, a_hat if which == "b" else b_hat_right, bits, signed, objective,
+                              parts, layer, target, t_norm2, bias_terms)
+    parts.update(t_sum=t_sum, t_norm2=t_norm2)  # every bias-free term is in `parts` now
+    return sample_mean(per_sample, step)
+
+
+class _BiasTerms:
+    """The bias b (float64) and the terms of the moments that depend on it alone."""
+
+    def __init__(self, bias, t_bias, const_o, const_oo):
+        self.bias, self.t_bias, self.const_o, self.const_oo = bias, t_bias, const_o, const_oo
+
+
+def _target_moments(problem, objective):
+    """(t', Σ_t t', ‖t'‖²): the target per sample (n, T, O) in float64, centered for Pearson, its
+    sum over tokens (n, O) and its squared norm (n,)."""
+    n_tok = problem.a.shape[-2]
+    t = problem.target.reshape(problem.n, n_tok, -1).astype(np.float64)
+    if objective == "pearson":
+        t = t - t.mean(axis=(1, 2), keepdims=True)
+    t_norm2 = np.einsum("nto,nto->n", t, t)
+    return t, t.sum(axis=1), t_norm2
+
+
+def _weight_search_moments(problem, candidates, a_hat, bits, signed, objective, parts, layer, target, t_norm2, bt):
+    """Per-sample similarity (C, n) of each candidate weight interval, in chunks of 16 candidates,
+    and the sample step of its mean (None: one chunk). The bias-free terms of a chunk come from
+    `parts` or are computed (and kept there) from the input's per-sample sums and Gram matrices."""
+    n, n_tok, k = problem.n, problem.a.shape[-2], problem.a.shape[-1]
+
+    @functools.cache
+    def input_sums():  # Σ_t x̂ (n, K), x̂ᵀx̂ (n, K·K), t'ᵀx̂ (n, O·K)
+        x = a_hat.reshape(n, n_tok, k).astype(np.float64)
+        gram_x = np.matmul(np.swapaxes(x, 1, 2), x).reshape(n, -1)
+        cross_x = np.matmul(np.swapaxes(target()[0], 1, 2), x).reshape(n, -1)
+        return x.sum(axis=1), gram_x, cross_x
+
+    x_sum = parts["x_sum"] if "x_sum" in parts else input_sums()[0]
+    # ŴᵀŴ of every candidate depends on neither operand's other interval nor the bias: the
+    # searches of one layer share them when they fit GRAM_KEEP_BYTES
+    grams = None
+    if layer is not None and len(candidates) * k * k * 8 <= GRAM_KEEP_BYTES:
+        grams = layer.setdefault(("gram_w", candidates.tobytes(), bits, signed), {})
+    # reused for ŴᵀŴ when it is not kept: up to 16 x K² x 8 bytes
+    gram_buffer = functools.cache(lambda: np.empty((min(16, len(candidates)), k, k), np.float64))
+    per_sample = np.zeros((len(candidates), n), np.float64)
+    for c0 in range(0, len(candidates), 16):
+        cs = candidates[c0:c0 + 16]
+        w = fake_quant_np(problem.b[None], _expand_candidates(cs, problem.b.ndim), bits, signed).astype(np.float64)
+        if c0 not in parts:
+            _, gram_x, cross_x = input_sums()
+            g = None if grams is None else grams.get(c0)
+            if g is None:
+                out = gram_buffer()[:len(cs)] if grams is None else np.empty((len(cs), k, k), np.float64)
+                g = np.matmul(np.swapaxes(w, 1, 2), w, out=out)
+                if grams is not None:
+                    grams[c0] = g
+            parts[c0] = w.reshape(len(cs), -1) @ cross_x.T, w.sum(axis=1) @ x_sum.T, g.reshape(len(cs), -1) @ gram_x.T
+        wx, wsx, gx = parts[c0]
+        cross = wx + bt.t_bias                        # (c, n)
+        s_o = wsx + bt.const_o
+        s_oo = gx + 2.0 * (np.einsum("cok,o->ck", w, bt.bias) @ x_sum.T) + bt.const_oo
+        per_sample[c0:c0 + len(cs)] = _similarity_from_sums(objective, cross, s_o, s_oo, t_norm2, problem.out_elems)
+    parts["x_sum"] = x_sum
+    return per_sample, None
+
+
+def _input_search_moments(problem, candidates, b_hat_right, bits, signed, objective, parts, layer, target, t_norm2,
+                          bt):
+    """Per-sample similarity (C, n) of each candidate input interval, in chunks of candidates and
+    samples of CHUNK_ELEMS, and the sample step of its mean. The bias-free terms of a chunk come
+    from `parts` or are computed (and kept there) from the fake-quantized inputs."""
+    a, n = problem.a, problem.n
+    n_tok, k = a.shape[-2], a.shape[-1]
     w = np.swapaxes(b_hat_right, -1, -2)  # Ŵ (O, K), float32
     w64 = w.astype(np.float64)
-    if not hit:
-        tw = (t @ w64).astype(np.float32)  # t' Ŵ, (n, T, K)
-        w_sum = w64.sum(axis=0)
-    w_bias = w64.T @ bias
     widen = k < w.shape[0]
-    gram_w = (w64.T @ w64).astype(np.float32) if widen and not hit else None
+
+    @functools.cache
+    def weight_sums():  # t'Ŵ (n, T, K) float32, Σ_o Ŵ_o (K,), ŴᵀŴ (K, K) float32 when the layer widens
+        gram_w = (w64.T @ w64).astype(np.float32) if widen else None
+        return (target()[0] @ w64).astype(np.float32), w64.sum(axis=0), gram_w
+
+    def quantized_inputs(cs, sl):
+        return fake_quant_np(a[sl].reshape(-1, n_tok, k)[None], _expand_candidates(cs, 3), bits, signed)
+
+    w_bias = w64.T @ bt.bias
     sample_elems = n_tok * max(k, w.shape[0])
     step_n = max(1, CHUNK_ELEMS // max(1, len(candidates) * sample_elems))
     cand_chunk = len(candidates) if step_n > 1 else max(1, CHUNK_ELEMS // sample_elems)
     per_sample = np.zeros((len(candidates), n), np.float64)
     # Σ_t x̂ per chunk depends only on the candidates: kept once per layer when it is small, else a
     # repeated search fake-quantizes x again for it
-    layer = None if memo is None else memo.get("layer")
     x_sums = None
     if layer is not None and len(candidates) * n * k * 8 <= X_SUM_KEEP_BYTES:
         x_sums = layer.setdefault(("x_sum", candidates.tobytes(), bits, signed, CHUNK_ELEMS), {})
@@ -340,31 +369,26 @@ def _score_dense_moments(problem, which, candidates, a_hat, b_hat_right, bits, s
         cs = candidates[c0:c0 + cand_chunk]
         for i in range(0, n, step_n):
             sl = slice(i, min(n, i + step_n))
-            if hit:
-                cross0, s_o0, s_oo0 = parts[c0, i]
-                x_sum = None if x_sums is None else x_sums.get((c0, i))
-                if x_sum is None:
-                    xc = fake_quant_np(a[sl].reshape(-1, n_tok, k)[None], _expand_candidates(cs, 3), bits, signed)
-                    x_sum = xc.sum(axis=2, dtype=np.float64)
-            else:
-                xc = fake_quant_np(a[sl].reshape(-1, n_tok, k)[None], _expand_candidates(cs, 3), bits, signed)
-                cross0 = np.einsum("cntk,ntk->cn", xc, tw[sl]).astype(np.float64)
-                x_sum = None if x_sums is None else x_sums.get((c0, i))
+            x_sum = None if x_sums is None else x_sums.get((c0, i))
+            if (c0, i) not in parts:
+                tw, w_sum, gram_w = weight_sums()
+                xc = quantized_inputs(cs, sl)
                 if x_sum is None:
                     x_sum = xc.sum(axis=2, dtype=np.float64)                    # (c, n, K)
-                s_o0 = x_sum @ w_sum
                 if widen:
                     s_oo0 = np.einsum("cntk,cntk->cn", xc @ gram_w, xc).astype(np.float64)
                 else:
                     out = xc @ np.ascontiguousarray(w.T)
                     s_oo0 = np.einsum("cnto,cnto->cn", out, out).astype(np.float64)
-                parts[c0, i] = cross0, s_o0, s_oo0
+                parts[c0, i] = np.einsum("cntk,ntk->cn", xc, tw[sl]).astype(np.float64), x_sum @ w_sum, s_oo0
                 if x_sums is not None:
                     x_sums[c0, i] = x_sum
-            cross = cross0 + t_bias[sl]
-            s_o = s_o0 + const_o
-            s_oo = s_oo0 + 2.0 * (x_sum @ w_bias) + const_oo
-            per_sample[c0:c0 + len(cs), sl] = _similarity_from_sums(objective, cross, s_o, s_oo, t_norm2[sl], m)
-    if not hit:
-        parts.update(t_sum=t_sum, t_norm2=t_norm2)
-    return sample_mean(per_sample, step_n)
+            elif x_sum is None:
+                x_sum = quantized_inputs(cs, sl).sum(axis=2, dtype=np.float64)
+            cross0, s_o0, s_oo0 = parts[c0, i]
+            cross = cross0 + bt.t_bias[sl]
+            s_o = s_o0 + bt.const_o
+            s_oo = s_oo0 + 2.0 * (x_sum @ w_bias) + bt.const_oo
+            per_sample[c0:c0 + len(cs), sl] = _similarity_from_sums(objective, cross, s_o, s_oo, t_norm2[sl],
+                                                                    problem.out_elems)
+    return per_sample, step_n

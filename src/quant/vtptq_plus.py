@@ -1,5 +1,6 @@
 """`vtptq_plus`: the paper's similarity search (vtptq) plus later ViT PTQ techniques, each a
-switch (a config key; null = the method's default: off for vtptq, on for vtptq_plus):
+switch (a config key; null = the method's default, SWITCHES: always off for vtptq; for
+vtptq_plus, on except attn_reparam and recon_iters, which are off by default):
 
   ln_reparam             scale reparameterization after LayerNorm: per-channel centres m_c and
                          ranges h_c of the inputs of attn.qkv and mlp.fc1 folded into the
@@ -50,7 +51,8 @@ from .search import LayerProblem, _similarity_from_sums, candidate_grid, evaluat
 from .vtptq import VTPTQ
 
 RECON_ITERS = 0  # vtptq_plus's default of recon_iters: off (see the README: rejected on held-out calibration images)
-# key -> (value for vtptq: off, value for vtptq_plus: on)
+# key -> (the only value vtptq accepts: off, vtptq_plus's default). vtptq_plus turns on every
+# switch but two: attn_reparam and recon_iters are off in both methods unless given.
 SWITCHES = {
     "ln_reparam": (False, True),
     "softmax_quantizer": ("uniform", "auto"),
@@ -82,10 +84,10 @@ def resolve_switches(cfg):
     switch that the method or the other keys cannot honour. Returns {switch: value}."""
     method = cfg.get("method")
     plus = method == "vtptq_plus"
-    for key, (off, on) in SWITCHES.items():
+    for key, (off, plus_default) in SWITCHES.items():
         value = cfg.get(key)
         if value is None:
-            cfg[key] = on if plus else off
+            cfg[key] = plus_default if plus else off
         elif not plus and value != off:
             raise ConfigError(f"{key} is {value!r}: a switch of method vtptq_plus; method is {method!r}")
     if cfg["softmax_quantizer"] != "uniform" and not cfg.get("quantize_matmul2", True):
@@ -137,24 +139,34 @@ def choose_reparam(x, cell, qcfg):
     b = cell.bias.asnumpy().astype(np.float64) if cell.has_bias else np.zeros(w.shape[0])
     target = (x.astype(np.float64) @ w.T + b).astype(np.float32)
     a_q, w_q = cell.a_q, cell.w_q
+
+    def score(option):
+        center, alpha = option
+        shift, ratio = reparam_factors(x, alpha, center)
+        xs = ((x - shift) / ratio).astype(np.float32)
+        ws = (w * ratio[None, :]).astype(np.float32)
+        problem = LayerProblem(xs, ws, target, bias=(b + w @ shift).astype(np.float32))
+        sw = init_scale(ws, w_q.bits, True, per_channel=cell.per_channel)
+        cand_a = candidate_grid(init_scale(xs, a_q.bits, True, combine=max_over_samples), qcfg["search_alpha"],
+                                qcfg["search_beta"], REPARAM_CANDIDATES)
+        w_hat = fake_quant_np(ws, sw, w_q.bits, True).T
+        scores = score_candidates(problem, "a", cand_a, None, np.ascontiguousarray(w_hat), a_q.bits, True, "pearson")
+        x_hat = fake_quant_np(xs, cand_a[int(np.argmax(scores))], a_q.bits, True)
+        cand_w = candidate_grid(sw, qcfg["search_alpha"], qcfg["search_beta"], REPARAM_CANDIDATES)
+        return (alpha, center), float(score_candidates(problem, "b", cand_w, x_hat, None, w_q.bits, True,
+                                                       "pearson").max())
+    return best_fold([(center, alpha) for center in (False, True) for alpha in REPARAM_ALPHAS], score)
+
+
+def best_fold(options, score):
+    """(*result, objective) of the option with the largest objective, where score(option) ->
+    (result tuple, objective); options in order, a later one taken only when it is better by
+    more than 1e-9 (a tie keeps the earlier, milder fold)."""
     best = None
-    for center in (False, True):
-        for alpha in REPARAM_ALPHAS:
-            shift, ratio = reparam_factors(x, alpha, center)
-            xs = ((x - shift) / ratio).astype(np.float32)
-            ws = (w * ratio[None, :]).astype(np.float32)
-            problem = LayerProblem(xs, ws, target, bias=(b + w @ shift).astype(np.float32))
-            sw = init_scale(ws, w_q.bits, True, per_channel=cell.per_channel)
-            cand_a = candidate_grid(init_scale(xs, a_q.bits, True, combine=max_over_samples), qcfg["search_alpha"], qcfg["search_beta"],
-                                    REPARAM_CANDIDATES)
-            w_hat = fake_quant_np(ws, sw, w_q.bits, True).T
-            scores = score_candidates(problem, "a", cand_a, None, np.ascontiguousarray(w_hat), a_q.bits, True,
-                                      "pearson")
-            x_hat = fake_quant_np(xs, cand_a[int(np.argmax(scores))], a_q.bits, True)
-            cand_w = candidate_grid(sw, qcfg["search_alpha"], qcfg["search_beta"], REPARAM_CANDIDATES)
-            value = float(score_candidates(problem, "b", cand_w, x_hat, None, w_q.bits, True, "pearson").max())
-            if best is None or value > best[2] + 1e-9:
-                best = (alpha, center, value)
+    for option in options:
+        result, value = score(option)
+        if best is None or value > best[-1] + 1e-9:
+            best = (*result, value)
     return best
 
 
@@ -174,17 +186,15 @@ def choose_qk_fold(q, k, bits, qcfg):
     target = np.matmul(q, np.swapaxes(k, -1, -2))
     ratio = np.maximum(sample_max(np.abs(k), axis=(0, 2), keepdims=True), EPS) / \
         np.maximum(sample_max(np.abs(q), axis=(0, 2), keepdims=True), EPS)  # (1, H, 1, hd)
-    best = None
-    for alpha in REPARAM_ALPHAS:
+
+    def score(alpha):
         s = (ratio ** (alpha / 2)).astype(np.float32)
         qs, ks = q * s, k / s
         problem = LayerProblem(qs, ks, target, transpose_b=True, b_shared=False)
         k_hat = fake_quant_np(problem.b_right, init_scale(ks, bits, combine=max_over_samples), bits, True)
-        value = _best_interval_score(problem, "a", init_scale(qs, bits, combine=max_over_samples), k_hat, bits, True,
-                                     qcfg)
-        if best is None or value > best[2] + 1e-9:
-            best = (alpha, s[0], value)
-    return best
+        return (alpha, s[0]), _best_interval_score(problem, "a", init_scale(qs, bits, combine=max_over_samples),
+                                                   k_hat, bits, True, qcfg)
+    return best_fold(REPARAM_ALPHAS, score)
 
 
 def choose_v_fold(attn, v, proj, bits, qcfg):
@@ -198,23 +208,22 @@ def choose_v_fold(attn, v, proj, bits, qcfg):
     o = np.matmul(attn, v).transpose(0, 2, 1, 3).reshape(n, tokens, heads * hd)
     target = o @ w.T + (0 if b is None else b)
     h = np.maximum(sample_max(np.abs(v), axis=(0, 2), keepdims=True), EPS)  # (1, H, 1, hd)
-    best = None
-    for alpha in REPARAM_ALPHAS:
+
+    def score(alpha):
         t = ((h / h.mean()) ** alpha).astype(np.float32)
         vs = v / t
         mm = LayerProblem(attn, vs, np.matmul(attn, vs), transpose_b=False, b_shared=False)
-        cands = candidate_grid(init_scale(vs, bits, combine=max_over_samples), qcfg["search_alpha"], qcfg["search_beta"], REPARAM_CANDIDATES)
+        cands = candidate_grid(init_scale(vs, bits, combine=max_over_samples), qcfg["search_alpha"],
+                               qcfg["search_beta"], REPARAM_CANDIDATES)
         sv = cands[int(np.argmax(score_candidates(mm, "b", cands, attn, None, bits, True, "pearson")))]
         os_ = np.matmul(attn, fake_quant_np(vs, sv, bits, True)).transpose(0, 2, 1, 3).reshape(n, tokens, -1)
         ws = (w * t.reshape(1, -1)).astype(np.float32)
         problem = LayerProblem(os_, ws, target, bias=b)
         w_hat = fake_quant_np(ws, init_scale(ws, proj.w_q.bits, True, per_channel=proj.per_channel), proj.w_q.bits,
                               True)
-        value = _best_interval_score(problem, "a", init_scale(os_, bits, combine=max_over_samples),
-                                     np.ascontiguousarray(w_hat.T), bits, True, qcfg)
-        if best is None or value > best[2] + 1e-9:
-            best = (alpha, t[0], value)
-    return best
+        return (alpha, t[0]), _best_interval_score(problem, "a", init_scale(os_, bits, combine=max_over_samples),
+                                                   np.ascontiguousarray(w_hat.T), bits, True, qcfg)
+    return best_fold(REPARAM_ALPHAS, score)
 
 
 def fold_attention(attn, s_qk=None, t_v=None):
@@ -376,8 +385,8 @@ class VTPTQPlus(VTPTQ):
 
     def __init__(self, qcfg):
         super().__init__(qcfg)
-        self._lo = {}  # asymmetric operands: cell id -> minimum of the calibration input
-        self.reparam = {}  # folded layers: cell id -> {"alpha", "center", "objective"}
+        self._lo = {}  # asymmetric operands: layer name -> minimum of the calibration input
+        self.reparam = {}  # folded layers: layer name -> {"alpha", "center", "objective"}
 
     # --- LayerNorm fold, before each block is calibrated (its FP input x_fp)
     def before_stage(self, fn, x_fp, batch):
@@ -396,8 +405,8 @@ class VTPTQPlus(VTPTQ):
             a_qk, s_qk, obj_qk = choose_qk_fold(*cap[attn.matmul1], attn.matmul1.a_q.bits, q)
             a_v, t_v, obj_v = choose_v_fold(*cap[attn.matmul2], attn.proj, attn.matmul2.b_q.bits, q)
             fold_attention(attn, s_qk if a_qk else None, t_v if a_v else None)
-            self.reparam[id(attn.matmul1)] = {"alpha": a_qk, "objective": obj_qk}
-            self.reparam[id(attn.proj)] = {"alpha_v": a_v, "objective_v": obj_v}
+            self._record_fold(attn.matmul1, {"alpha": a_qk, "objective": obj_qk})
+            self._record_fold(attn.proj, {"alpha_v": a_v, "objective_v": obj_v})
         if not q.get("ln_reparam"):
             return
         for norm, dense in pairs:
@@ -405,7 +414,14 @@ class VTPTQPlus(VTPTQ):
             if alpha or center:
                 shift, ratio = reparam_factors(cap[norm], alpha, center)
                 fold_layernorm(norm, dense, shift, ratio)
-            self.reparam[id(dense)] = {"alpha": alpha, "center": center, "objective": objective}
+            self._record_fold(dense, {"alpha": alpha, "center": center, "objective": objective})
+
+    def _record_fold(self, cell, info):
+        """Keep a fold's choice for the calibration record of `cell` (by its layer name; a cell
+        that is not quantized has no record)."""
+        name = getattr(cell, "layer_name", None)
+        if name is not None:
+            self.reparam[name] = info
 
     # --- grids other than the uniform one
     def quantize(self, cell, name, x, scale):
@@ -413,7 +429,7 @@ class VTPTQPlus(VTPTQ):
         if q.kind in LOG_INV_STEP:
             return fake_quant_log_np(x, scale, q.bits, q.kind)
         if q.kind == "asym":
-            return fake_quant_asym_np(x, scale, zero_point(self._lo[id(cell)], scale, q.bits), q.bits)
+            return fake_quant_asym_np(x, scale, zero_point(self._lo[cell.layer_name], scale, q.bits), q.bits)
         return super().quantize(cell, name, x, scale)
 
     def score(self, cell, problem, which, name, candidates, a_hat, b_hat_right, extra, memo=None):
@@ -429,14 +445,14 @@ class VTPTQPlus(VTPTQ):
         if q.kind in LOG_INV_STEP:  # top level of the log grid: the largest value
             sa = np.full(1, max(float(sample_max(problem.a)), EPS), np.float32)
         elif q.kind == "asym":
-            lo = min(self._lo[id(cell)], 0.0)
+            lo = min(self._lo[cell.layer_name], 0.0)
             sa = np.full(1, max((float(sample_max(problem.a)) - lo) / q.qmax, EPS), np.float32)
         return sa, sb
 
     def calibrate(self, cell, problem):
         q = self.qcfg
         if cell.a_q.kind == "asym":
-            self._lo[id(cell)] = float(sample_min(problem.a))
+            self._lo[cell.layer_name] = float(sample_min(problem.a))
         if getattr(cell, "operands", ()) == ("a", "b") and not cell.is_attention_scores \
                 and q.get("softmax_quantizer") == "auto":
             sa, sb, info = self._calibrate_softmax_auto(cell, problem)
@@ -447,11 +463,11 @@ class VTPTQPlus(VTPTQ):
         if q.get("recon_iters") and "w" in cell.operands:
             info["reconstruction"] = self._reconstruct(cell, problem, sa, sb)
         if cell.a_q.kind == "asym":
-            zp = zero_point(self._lo[id(cell)], sa, cell.a_q.bits)
+            zp = zero_point(self._lo[cell.layer_name], sa, cell.a_q.bits)
             cell.set_zero_point(zp)
             info["zero_point"] = float(zp.reshape(-1)[0])
-        if id(cell) in self.reparam:
-            info["reparam"] = self.reparam[id(cell)]
+        if cell.layer_name in self.reparam:
+            info["reparam"] = self.reparam[cell.layer_name]
         return sa, sb, info
 
     def _calibrate_softmax_auto(self, cell, problem):
