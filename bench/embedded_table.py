@@ -146,7 +146,6 @@ def run_table(out_root, variants, bits_list, seeds, splits, overrides, pairs=Non
     for label, over in variants:
         for w, a in ([None] if over.get("mixed_precision") else widths):
             tag = over["mp_target"] if w is None else f"w{w}a{a}"
-            group = []
             for seed in seeds:
                 name = f"{label}_{tag}" + (f"_s{seed}" if len(seeds) > 1 or seed else "")
                 cfg = dict(base, **over, name=name, output=os.path.join(out_root, name), calib_seed=seed,
@@ -169,7 +168,6 @@ def run_table(out_root, variants, bits_list, seeds, splits, overrides, pairs=Non
                 for split in splits[1:]:
                     run[split] = ref.evaluate_checkpoint(res["quantized_checkpoint"], split)
                 runs.append(run)
-                group.append(run)
                 write_summary(out_root, runs, splits, ref)
     return runs
 
@@ -222,8 +220,17 @@ def plot(out_root):
     """OUT_ROOT/accuracy_size.png from the result.json of every run folder under OUT_ROOT, and
     OUT_ROOT/pairs.png from OUT_ROOT/summary.json when it holds a pair grid."""
     from src.api import plot_accuracy_size, plot_pair_grid
+    summary, data = os.path.join(out_root, "summary.json"), None
+    if os.path.isfile(summary):
+        with open(summary, encoding="utf-8") as f:
+            data = json.load(f)
     rows = []
-    for label, over in VARIANTS + MP_VARIANTS:
+    if data:  # the means over the draws, on the first split
+        split = data["splits"][0]
+        rows = [{"label": r["variant"], "tag": r["bits"] if r["mp"] else f"W{r['w_bits']}",
+                 "size_mb": r["model_size_mb"], "top1": r[f"{split}_top1"][0], "mp": r["mp"]}
+                for r in data["rows"] if r["mp"] or r["w_bits"] == r["a_bits"]]
+    for label, over in ([] if data else VARIANTS + MP_VARIANTS):  # an older output: its result.json files
         tags = [over["mp_target"]] if over.get("mixed_precision") else [f"w{b}a{b}" for b in PLOT_BITS]
         for tag in tags:
             path = os.path.join(out_root, f"{label}_{tag}", "result.json")
@@ -237,10 +244,7 @@ def plot(out_root):
                               title="embedded model: top-1 against model size (uniform and mixed precision)")
     if path and rows:
         print(f"wrote {path} ({len(rows)} runs)")
-    summary = os.path.join(out_root, "summary.json")
-    if os.path.isfile(summary):
-        with open(summary, encoding="utf-8") as f:
-            data = json.load(f)
+    if data:
         pair_rows = [r for r in data["rows"] if not r["mp"] and r["w_bits"] != r["a_bits"]]
         if pair_rows:
             panels = []

@@ -63,7 +63,7 @@ def plot_bits(report, path, title=""):
 def plot_accuracy_size(rows, path, title="top-1 against model size"):
     """Accuracy-versus-size plot. rows: dicts with label, size_mb, top1 and mp (bool): uniform
     rows of one label are joined by a line, mixed-precision rows are markers. Returns path or None."""
-    plt = _pyplot()
+    plt = _pyplot() if rows else None
     if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -113,7 +113,7 @@ def plot_pair_grid(panels, w_bits, a_bits, path, title=""):
     rows = -(-n // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.0 * rows + 0.6), squeeze=False)
     values = [v for _, cells in panels for v in cells.values() if v is not None]
-    lim = max([abs(v) for v in values] + [0.1])
+    lim = min(max([abs(v) for v in values] + [0.1]), 3.0)  # beyond 3 points: full colour, the text says how far
     for ax, (name, cells) in zip(axes.ravel(), panels):
         grid = np.full((len(w_bits), len(a_bits)), np.nan)
         for i, w in enumerate(w_bits):
