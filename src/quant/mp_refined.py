@@ -26,7 +26,7 @@ against the FP logits z_fp:
    prediction from Ω, the best `REFINED_TOP_MOVES` not yet measured are measured, and the
    best is kept only if it lowers the measured L by more than `REFINED_MIN_GAIN` (relative;
    a guard against fitting the noise of the 32 calibration images; `REFINED_Z` > 0 also
-   asks for a paired test over the images, off: see the README). It stops when no move is
+   asks for a paired test over the images, off: see docs/results.md). It stops when no move is
    kept or after `REFINED_MAX_ITERS` kept moves. The knapsack's assignment replaces the
    uniform one by the same rule.
 

@@ -50,7 +50,7 @@ from .quantizer import (EPS, LOG_INV_STEP, fake_quant_asym_np, fake_quant_log_np
 from .search import LayerProblem, _similarity_from_sums, candidate_grid, evaluate_pair, score_candidates
 from .vtptq import VTPTQ
 
-RECON_ITERS = 0  # vtptq_plus's default of recon_iters: off (see the README: rejected on held-out calibration images)
+RECON_ITERS = 0  # vtptq_plus's default of recon_iters: off (docs/results.md: how this default was chosen)
 # key -> (the only value vtptq accepts: off, vtptq_plus's default). vtptq_plus turns on every
 # switch but two: attn_reparam and recon_iters are off in both methods unless given.
 SWITCHES = {
@@ -59,7 +59,7 @@ SWITCHES = {
     "gelu_asymmetric": (False, True),
     "weight_channel_search": (False, True),
     "recon_iters": (0, RECON_ITERS),
-    "attn_reparam": (False, False),  # built late and measured once (README); off by default in both methods
+    "attn_reparam": (False, False),  # built late; off by default in both methods (docs/results.md)
 }
 SOFTMAX_AUTO = ("uniform", "log2", "logsqrt2")
 REPARAM_ALPHAS = (0.0, 0.5, 1.0)
