@@ -189,7 +189,8 @@ def print_report(result, args, ort):
     print()
     print("| runtime | graph | images/s |")
     print("|---|---|---|")
-    print(f"| onnxruntime {ort.__version__} ({args.threads} threads) | FP32 | {result['ort_fp32_images_per_second']:.1f} |")
+    print(f"| onnxruntime {ort.__version__} ({args.threads} threads) | FP32 | "
+          f"{result['ort_fp32_images_per_second']:.1f} |")
     print(f"| onnxruntime {ort.__version__} ({args.threads} threads) | int8 QDQ (W{args.bits}A{args.bits}"
           f"{', per-channel' if args.per_channel else ''}) | {result['ort_int8_images_per_second']:.1f} |")
     if not args.skip_mindspore:
