@@ -108,8 +108,8 @@ def build_parser():
     return p
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
+def check_args(args):
+    """Exit with a one-line error for an unknown model or a non-positive count; returns onnxruntime."""
     if args.model not in list_models():
         sys.exit(f"error: unknown model '{args.model}' (known: {', '.join(list_models())})")
     for flag in ("batch_size", "threads", "iters", "repeats", "calib_num"):
@@ -119,12 +119,12 @@ def main(argv=None):
         import onnxruntime as ort
     except ImportError:
         sys.exit("error: bench_int8 needs onnxruntime and onnx (pip install -r requirements-dev.txt)")
-    ms.set_device("CPU")
-    ms.set_seed(0)
-    print(f"bench_int8: mindspore {ms.__version__}, onnxruntime {ort.__version__}, {os.cpu_count()} CPUs, "
-          f"load average {os.getloadavg()[0]:.2f}", flush=True)
+    return ort
 
-    # quantized model: WbAb minmax on a few random images
+
+def quantized_pair(args):
+    """(FP model, the same weights quantized WbAb and calibrated with minmax on a few random
+    images, the timed batch)."""
     c, h, w = get_data_config(args.model)["input_size"]
     rng = np.random.default_rng(0)
     calib = rng.standard_normal((args.calib_num, c, h, w)).astype(np.float32)
@@ -143,12 +143,13 @@ def main(argv=None):
     print(f"calibrated {len(quant_cells(model))} layers on {args.calib_num} images in "
           f"{time.perf_counter() - t0:.1f} s", flush=True)
     set_quant_mode(model, "quantized")
-    # MindSpore's fake-quant model: the one `eval.py --ckpt quantized.ckpt` builds (weights frozen)
-    ms_model = None if args.skip_mindspore else evaluation_model(model, args.model)
+    return fp, model, x
 
-    tmp = None if args.keep_dir else tempfile.TemporaryDirectory()
-    out_dir = args.keep_dir or tmp.name
-    os.makedirs(out_dir, exist_ok=True)
+
+def export_both(model, args, out_dir):
+    """The int8 QDQ and FP32 ONNX graphs of `model` in out_dir, an onnxruntime session of each,
+    and what the int8 graph became: {paths, sessions, kernels (class -> count), census (op ->
+    count of the optimized graph), integer, float (product counts)}."""
     paths = {k: os.path.join(out_dir, f"{args.model}_{k}.onnx") for k in ("fp32", "int8")}
     proto = export_onnx(model, paths["int8"])
     kernels = collections.Counter(v["kernel"] for v in json.loads(
@@ -157,61 +158,41 @@ def main(argv=None):
     opt_path = os.path.join(out_dir, f"{args.model}_int8.optimized.onnx")
     sessions = {"fp32": session(paths["fp32"], args.threads), "int8": session(paths["int8"], args.threads, opt_path)}
     census = op_census(opt_path)
-    n_int = sum(census[op] for op in INTEGER_OPS)
-    n_float = sum(census[op] for op in FLOAT_PRODUCTS)
-    n_quant = len(quant_cells(model))
-    print(f"optimized int8 graph: {n_int} integer products ({', '.join(f'{census[op]} {op}' for op in INTEGER_OPS if census[op])}) "
-          f"for {n_quant} quantized layers, {n_float} float products left; kernel classes {dict(kernels)}", flush=True)
+    return dict(paths=paths, sessions=sessions, kernels=kernels, census=census,
+                integer=sum(census[op] for op in INTEGER_OPS), float=sum(census[op] for op in FLOAT_PRODUCTS))
 
-    feeds = {"input": x}
-    fns = {f"ort_{k}": (lambda s=s: s.run(None, feeds)) for k, s in sessions.items()}
-    if not args.skip_mindspore:  # timed in the same rounds as onnxruntime, so each ratio is from one run
-        ms.set_context(mode=ms.GRAPH_MODE)
-        fp.set_train(False)
-        ms_model.set_train(False)
-        t = ms.Tensor(x)
-        fns.update(ms_fp=lambda: fp(t).asnumpy(), ms_fake_quant=lambda: ms_model(t).asnumpy())
-    rate, rates, warm = alternate(fns, args.batch_size, args.iters, max(args.warmup, 1), args.repeats)
-    ort_rate = {k: rate[f"ort_{k}"] for k in sessions}
-    ort_rates = {k: rates[f"ort_{k}"] for k in sessions}
-    ort_warm = {k: warm[f"ort_{k}"] for k in sessions}
-    ort_out = {k: s.run(None, feeds)[0] for k, s in sessions.items()}
-    result = {"model": args.model, "batch_size": args.batch_size, "threads": args.threads, "iters": args.iters,
-              "repeats": args.repeats, "bits": args.bits, "per_channel": args.per_channel,
-              "kernel_classes": dict(kernels), "onnxruntime": ort.__version__,
-              "mindspore": ms.__version__, "cpu_count": os.cpu_count(), "quant_layers": n_quant,
-              "integer_products": n_int, "float_products_left": n_float, "int8_graph_ops": dict(census),
-              "ort_fp32_images_per_second": ort_rate["fp32"], "ort_int8_images_per_second": ort_rate["int8"],
-              "ratio": ort_rate["int8"] / ort_rate["fp32"], "ort_rates": ort_rates, "ort_warmup_seconds": ort_warm,
-              "file_mb": {k: os.path.getsize(p) / 1e6 for k, p in paths.items()}}
 
-    if not args.skip_mindspore:
-        ms_rate = {k: rate[f"ms_{k}"] for k in ("fp", "fake_quant")}
-        ms_rates = {k: rates[f"ms_{k}"] for k in ("fp", "fake_quant")}
-        ms_warm = {k: warm[f"ms_{k}"] for k in ("fp", "fake_quant")}
-        fq, fp_out = ms_model(t).asnumpy(), fp(t).asnumpy()
-        diff = np.abs(ort_out["int8"] - fq)
-        top2 = np.sort(fq, axis=1)[:, -2:]
-        flipped = ort_out["int8"].argmax(1) != fq.argmax(1)
-        result.update(logit_scale=float(np.abs(fq).max()),
-                      fp32_vs_ms_fp_max_abs_diff=float(np.abs(ort_out["fp32"] - fp_out).max()),
-                      ms_fp_images_per_second=ms_rate["fp"], ms_fake_quant_images_per_second=ms_rate["fake_quant"],
-                      ms_rates=ms_rates, ms_warmup_seconds=ms_warm,
-                      ms_fp_vs_ort_fp32=ms_rate["fp"] / ort_rate["fp32"],
-                      ms_fake_quant_vs_ms_fp=ms_rate["fake_quant"] / ms_rate["fp"],
-                      int8_vs_fake_quant_max_abs_diff=float(diff.max()),
-                      # the fake-quant top-1 - top-2 logit gap of the images whose top-1 differs
-                      flipped_top1_margin_max=float((top2[:, 1] - top2[:, 0])[flipped].max()) if flipped.any() else None,
-                      median_top1_margin=float(np.median(top2[:, 1] - top2[:, 0])),
-                      int8_vs_fake_quant_top1_agreement=float((ort_out["int8"].argmax(1) == fq.argmax(1)).mean()))
-    result["load_average"] = os.getloadavg()[0]
+def mindspore_figures(rate, rates, warm, ort_out, ort_rate, fp, ms_model, t):
+    """The MindSpore part of the result: rates and ratios, and the agreement of the fake-quantized
+    model's logits with onnxruntime's int8 ones."""
+    ms_rate = {k: rate[f"ms_{k}"] for k in ("fp", "fake_quant")}
+    fq, fp_out = ms_model(t).asnumpy(), fp(t).asnumpy()
+    diff = np.abs(ort_out["int8"] - fq)
+    top2 = np.sort(fq, axis=1)[:, -2:]
+    flipped = ort_out["int8"].argmax(1) != fq.argmax(1)
+    return dict(logit_scale=float(np.abs(fq).max()),
+                fp32_vs_ms_fp_max_abs_diff=float(np.abs(ort_out["fp32"] - fp_out).max()),
+                ms_fp_images_per_second=ms_rate["fp"], ms_fake_quant_images_per_second=ms_rate["fake_quant"],
+                ms_rates={k: rates[f"ms_{k}"] for k in ("fp", "fake_quant")},
+                ms_warmup_seconds={k: warm[f"ms_{k}"] for k in ("fp", "fake_quant")},
+                ms_fp_vs_ort_fp32=ms_rate["fp"] / ort_rate["fp32"],
+                ms_fake_quant_vs_ms_fp=ms_rate["fake_quant"] / ms_rate["fp"],
+                int8_vs_fake_quant_max_abs_diff=float(diff.max()),
+                # the fake-quant top-1 - top-2 logit gap of the images whose top-1 differs
+                flipped_top1_margin_max=float((top2[:, 1] - top2[:, 0])[flipped].max()) if flipped.any() else None,
+                median_top1_margin=float(np.median(top2[:, 1] - top2[:, 0])),
+                int8_vs_fake_quant_top1_agreement=float((ort_out["int8"].argmax(1) == fq.argmax(1)).mean()))
 
+
+def print_report(result, args, ort):
+    n_int, n_quant = result["integer_products"], result["quant_layers"]
     print()
     print("| runtime | graph | images/s |")
     print("|---|---|---|")
-    print(f"| onnxruntime {ort.__version__} ({args.threads} threads) | FP32 | {ort_rate['fp32']:.1f} |")
+    print(f"| onnxruntime {ort.__version__} ({args.threads} threads) | FP32 | "
+          f"{result['ort_fp32_images_per_second']:.1f} |")
     print(f"| onnxruntime {ort.__version__} ({args.threads} threads) | int8 QDQ (W{args.bits}A{args.bits}"
-          f"{', per-channel' if args.per_channel else ''}) | {ort_rate['int8']:.1f} |")
+          f"{', per-channel' if args.per_channel else ''}) | {result['ort_int8_images_per_second']:.1f} |")
     if not args.skip_mindspore:
         print(f"| MindSpore {ms.__version__} GRAPH | FP32 | {result['ms_fp_images_per_second']:.1f} |")
         print(f"| MindSpore {ms.__version__} GRAPH | fake-quant W{args.bits}A{args.bits} | {result['ms_fake_quant_images_per_second']:.1f} |")
@@ -232,6 +213,53 @@ def main(argv=None):
                  if result["flipped_top1_margin_max"] is not None else "") + "); "
               f"onnxruntime FP32 vs MindSpore FP: max |logit diff| {result['fp32_vs_ms_fp_max_abs_diff']:.3g}")
     print(f"load average at the end: {result['load_average']:.2f}")
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    ort = check_args(args)
+    ms.set_device("CPU")
+    ms.set_seed(0)
+    print(f"bench_int8: mindspore {ms.__version__}, onnxruntime {ort.__version__}, {os.cpu_count()} CPUs, "
+          f"load average {os.getloadavg()[0]:.2f}", flush=True)
+    fp, model, x = quantized_pair(args)
+    # MindSpore's fake-quant model: the one `eval.py --ckpt quantized.ckpt` builds (weights frozen)
+    ms_model = None if args.skip_mindspore else evaluation_model(model, args.model)
+
+    tmp = None if args.keep_dir else tempfile.TemporaryDirectory()
+    out_dir = args.keep_dir or tmp.name
+    os.makedirs(out_dir, exist_ok=True)
+    onnx_ = export_both(model, args, out_dir)
+    sessions, census, n_int, n_float = onnx_["sessions"], onnx_["census"], onnx_["integer"], onnx_["float"]
+    n_quant = len(quant_cells(model))
+    print(f"optimized int8 graph: {n_int} integer products ({', '.join(f'{census[op]} {op}' for op in INTEGER_OPS if census[op])}) "
+          f"for {n_quant} quantized layers, {n_float} float products left; kernel classes {dict(onnx_['kernels'])}",
+          flush=True)
+
+    feeds = {"input": x}
+    fns = {f"ort_{k}": (lambda s=s: s.run(None, feeds)) for k, s in sessions.items()}
+    if not args.skip_mindspore:  # timed in the same rounds as onnxruntime, so each ratio is from one run
+        ms.set_context(mode=ms.GRAPH_MODE)
+        fp.set_train(False)
+        ms_model.set_train(False)
+        t = ms.Tensor(x)
+        fns.update(ms_fp=lambda: fp(t).asnumpy(), ms_fake_quant=lambda: ms_model(t).asnumpy())
+    rate, rates, warm = alternate(fns, args.batch_size, args.iters, max(args.warmup, 1), args.repeats)
+    ort_rate = {k: rate[f"ort_{k}"] for k in sessions}
+    ort_out = {k: s.run(None, feeds)[0] for k, s in sessions.items()}
+    result = {"model": args.model, "batch_size": args.batch_size, "threads": args.threads, "iters": args.iters,
+              "repeats": args.repeats, "bits": args.bits, "per_channel": args.per_channel,
+              "kernel_classes": dict(onnx_["kernels"]), "onnxruntime": ort.__version__,
+              "mindspore": ms.__version__, "cpu_count": os.cpu_count(), "quant_layers": n_quant,
+              "integer_products": n_int, "float_products_left": n_float, "int8_graph_ops": dict(census),
+              "ort_fp32_images_per_second": ort_rate["fp32"], "ort_int8_images_per_second": ort_rate["int8"],
+              "ratio": ort_rate["int8"] / ort_rate["fp32"], "ort_rates": {k: rates[f"ort_{k}"] for k in sessions},
+              "ort_warmup_seconds": {k: warm[f"ort_{k}"] for k in sessions},
+              "file_mb": {k: os.path.getsize(p) / 1e6 for k, p in onnx_["paths"].items()}}
+    if not args.skip_mindspore:
+        result.update(mindspore_figures(rate, rates, warm, ort_out, ort_rate, fp, ms_model, t))
+    result["load_average"] = os.getloadavg()[0]
+    print_report(result, args, ort)
     if args.json:
         write_bench_json(args.json, result)
     if tmp is not None:

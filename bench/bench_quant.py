@@ -31,9 +31,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import mindspore as ms  # noqa: E402
 
-from src.api import (METHODS, calibrate_model, create_model, default_checkpoint, defaults, evaluation_model,  # noqa: E402
-                     get_data_config, list_models, load_calibration_images, load_embedded, normalize, quant_cells,
-                     quantize_model, set_quant_mode, write_bench_json)
+from src.api import (METHODS, calibrate_model, create_model, default_checkpoint, defaults,  # noqa: E402
+                     evaluation_model, get_data_config, list_models, load_calibration_images, load_embedded,
+                     normalize, quant_cells, quantize_model, set_quant_mode, write_bench_json)
 
 DEFAULT_MODELS = ("deit_fmnist", "deit_small_patch16_224")
 DEFAULT_BATCH = {"deit_fmnist": 100, "deit_small_patch16_224": 32}

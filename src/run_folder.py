@@ -14,7 +14,8 @@ import yaml
 
 from .config import DEFAULTS
 from .distributed import launched_distributed
-from .utils import UserError, atomic_write_json, atomic_write_text, first_line, make_readable, shielded
+from .utils import (UserError, atomic_write_json, atomic_write_text, file_sha256, first_line, make_readable,
+                    shielded)
 
 # A run folder holds a manifest of the run's own files (RUN_MANIFEST, marked RUN_MARKER); a
 # later run replaces the folder only if it holds nothing else. Folders written before the
@@ -27,15 +28,6 @@ RUN_MARKER = "vtptq run folder: these files were written by one run; the next ru
 LEGACY_NAMES = ("config.yaml", "result.json", "quantized.ckpt", "bits.png", "quantized.onnx", "quantized.mindir")
 # The marker file inside a staging folder (a run in progress): the pid and host that own it.
 STAGING_MARKER = ".vtptq_staging"
-
-
-def _sha256(path):
-    import hashlib
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _walk(top):
@@ -67,7 +59,7 @@ def _manifest_entries(folder, names=None):
         if st.S_ISDIR(info.st_mode):
             folders.append(rel)
         elif st.S_ISREG(info.st_mode):
-            files[rel] = {"bytes": info.st_size, "sha256": _sha256(os.path.join(folder, rel))}
+            files[rel] = {"bytes": info.st_size, "sha256": file_sha256(os.path.join(folder, rel))}
     return files, folders
 
 
@@ -148,7 +140,7 @@ def run_folder_problem(folder):
         if rel not in files or not st.S_ISREG(info.st_mode):
             return f"holds '{rel}', which is not a file of the earlier run (not in its {RUN_MANIFEST})"
         rec = files[rel]
-        if info.st_size != rec["bytes"] or _sha256(os.path.join(folder, rel)) != rec["sha256"]:
+        if info.st_size != rec["bytes"] or file_sha256(os.path.join(folder, rel)) != rec["sha256"]:
             return f"holds '{rel}', changed since the earlier run wrote it (its {RUN_MANIFEST} records other bytes)"
     return None
 

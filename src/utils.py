@@ -135,6 +135,16 @@ def save_checkpoint_atomic(obj, path, append_dict=None):
 
 
 # ----------------------------------------------------------------------------- paths
+def file_sha256(path):
+    """Hex SHA-256 of a file's bytes, read in blocks of 1 MiB."""
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def is_inside(path, folder):
     """Whether `path` is `folder` or under it, links resolved (parts that do not exist yet taken as given)."""
     p, f = os.path.realpath(os.path.abspath(path)), os.path.realpath(os.path.abspath(folder))

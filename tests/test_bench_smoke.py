@@ -15,6 +15,9 @@ from PIL import Image
 
 import mindspore as ms
 
+import src.api  # noqa: F401  (imported at collection, as the other test files import src: the default
+#                 log stream of calibrate_model is then pytest's session stream, not one test's capture)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(REPO, "bench")
 SCRIPTS = sorted(f[:-3] for f in os.listdir(BENCH) if f.endswith(".py"))

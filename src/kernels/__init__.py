@@ -29,6 +29,8 @@ import subprocess
 import sys
 import tempfile
 
+from ..utils import file_sha256
+
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_ops.cc")
 # -march=native: vector rounding and division (the quantizer runs about 8x faster than with the
 # baseline instruction set); exact IEEE float32 operations either way, and no contraction into
@@ -130,14 +132,6 @@ def _private_file(path):
     return None
 
 
-def _sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _cached(folder, name):
     """(library, None) for the library named by the hash file `name`.sha256 in `folder` if both
     are private files of this user and the library's bytes have the recorded SHA-256; else
@@ -152,7 +146,7 @@ def _cached(folder, name):
             or not re.fullmatch(re.escape(name) + r"\.[A-Za-z0-9_]{1,32}\.so", parts[1]):
         return None, None
     lib = os.path.join(folder, parts[1])
-    if _private_file(lib) is not None or _sha256(lib) != parts[0]:
+    if _private_file(lib) is not None or file_sha256(lib) != parts[0]:
         return None, lib
     return lib, None
 
@@ -175,14 +169,14 @@ def _build(cxx, folder, name):
         out = os.path.join(work, "lib.so")
         subprocess.run([cxx, *FLAGS, "-o", out, SOURCE], check=True, capture_output=True, timeout=300)
         os.chmod(out, 0o700)
-        digest = _sha256(out)
+        digest = file_sha256(out)
         fd, lib = tempfile.mkstemp(prefix=f"{name}.", suffix=".so", dir=folder)
         os.close(fd)
         os.replace(out, lib)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     try:
-        if _private_file(lib) is not None or _sha256(lib) != digest or not _has_symbols(lib):
+        if _private_file(lib) is not None or file_sha256(lib) != digest or not _has_symbols(lib):
             raise OSError(f"the library built from {SOURCE} lacks the kernels {', '.join(SYMBOLS)}")
         fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)  # mode 0600
         with os.fdopen(fd, "w", encoding="ascii") as f:

@@ -353,11 +353,10 @@ def calibration_session(model):
         ms.set_context(mode=prev_mode)
 
 
-def calibrate_model(model, images, qcfg, log=None, stages=None):
+def calibrate_model(model, images, qcfg, log=sys.stderr, stages=None):
     """Calibrate every quantized cell of `model` on images (N, C, H, W) with qcfg['method'],
     stage by stage. Leaves the model in quantized mode. Returns {layer: info}. `stages`: only
     the first that many stages of model_stages (benchmarks that time part of a model)."""
-    log = sys.stderr if log is None else log  # the stream of the call, not of the import
     method = get_method(qcfg)
     keep_heap_memory()
     batch = qcfg["calib_batch_size"]
