@@ -47,6 +47,8 @@ def build_parser():
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML file of config keys (see src/config.py); flags override it")
     add_arguments(p, QUANT_KEYS)
+    p.add_argument("--quiet", action="store_true",
+                   help="calibration progress as one updating line (stage, elapsed, ETA) instead of a line per layer")
     return p
 
 
@@ -209,7 +211,7 @@ def _quantize(cfg, dataset, calib_images, shardable, dist, out):
         model = build_model(cfg)  # a fresh instance: the FP one may hold a compiled graph
         fp_size = model_size_mb(model, quantized=False)
         quantize_model(model, cfg, layer_bits)
-        calib_report = calibrate_model(model, my_images, cfg)
+        calib_report = calibrate_model(model, my_images, cfg, log=sys.stderr, quiet=bool(cfg.get("quiet")))
     calib_per_rank = gather_counts(len(my_images))  # the images each rank forwarded
     sync_diff = sync_calibration(model)  # every rank evaluates rank 0's calibration
     calib_seconds = time.time() - t0
@@ -305,7 +307,12 @@ def cli(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if not argv:
         return run_cli(run_embedded_suite)
-    return run_cli(lambda: main(resolve(build_parser().parse_args(argv))))
+    def run():
+        args = build_parser().parse_args(argv)
+        cfg = resolve(args)
+        cfg["quiet"] = args.quiet  # a display setting: not a config key, not saved
+        return main(cfg)
+    return run_cli(run)
 
 
 if __name__ == "__main__":

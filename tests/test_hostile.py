@@ -64,7 +64,8 @@ def tiny():
 def one_error_line(capsys):
     """stderr of the last call: exactly one line, 'error: ...' (progress lines aside); returns it."""
     err = capsys.readouterr().err
-    lines = [ln for ln in err.replace("\r", "\n").splitlines() if ln.strip() and not ln.startswith(("FP eval", "eval", "warning:"))]
+    lines = [ln for ln in err.replace("\r", "\n").splitlines()
+             if ln.strip() and not ln.startswith(("FP eval", "eval", "warning:", "calibrating", " "))]
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert "Traceback" not in err
     return lines[0]

@@ -296,12 +296,13 @@ def fp_targets(fn, x_fp, batch, stage_cells):
     return run_stage(fn, x_fp, batch, {c: "out" for c in keep})
 
 
-def calibrate_stage(method, cells, fn, names, x_fp, x_q, batch, log=None, start=None, fp_out=None):
+def calibrate_stage(method, cells, fn, names, x_fp, x_q, batch, log=None, start=None, fp_out=None, progress=None):
     """Calibrate the layers `names` of one stage in order. x_fp: the stage's FP input; x_q: the
     input through the quantized earlier stages (x_fp itself for FP inputs). The target of each
     layer is its output in the FP stage; its input comes from x_q through the layers of this
     stage calibrated before it. Leaves the stage's layers quantized. Returns {name: info}.
-    fp_out: a list, to which the FP stage output is appended when a pass computed it."""
+    fp_out: a list, to which the FP stage output is appended when a pass computed it.
+    progress: a CalibrationProgress, told of each layer (else each layer is a line on `log`)."""
     report = {}
     start = start or time.time()
     _set_quant(cells, names, False)
@@ -329,11 +330,13 @@ def calibrate_stage(method, cells, fn, names, x_fp, x_q, batch, log=None, start=
             cell.set_bias_correction(problem.fp_bias - problem.bias)
         info["seconds"] = time.time() - t0
         report[name] = info
-        if log is not None:
-            obj = info.get("objective")
-            print(f"  {name:28s} {b_name}={_fmt(sb)} {a_name}={_fmt(sa)}"
-                  + (f" objective {obj[0]:.5f} -> {obj[-1]:.5f} in {info['rounds']} rounds" if obj else "")
-                  + f" [{info['seconds']:.1f}s, total {time.time() - start:.0f}s]", file=log, flush=True)
+        obj = info.get("objective")
+        text = (f"{name:28s} {b_name}={_fmt(sb)} {a_name}={_fmt(sa)}"
+                + (f" objective {obj[0]:.5f} -> {obj[-1]:.5f} in {info['rounds']} rounds" if obj else ""))
+        if progress is not None:
+            progress.layer_done(name, text, info["seconds"])
+        elif log is not None:
+            print(f"  {text} [{info['seconds']:.1f}s, total {time.time() - start:.0f}s]", file=log, flush=True)
     _set_quant(cells, names, True)
     return report
 
@@ -353,10 +356,71 @@ def calibration_session(model):
         ms.set_context(mode=prev_mode)
 
 
-def calibrate_model(model, images, qcfg, log=sys.stderr, stages=None):
+class CalibrationProgress:
+    """What a long calibration shows: per layer, the stage it belongs to (embed, blocks.i, head),
+    the elapsed time and an ETA. Once a transformer block has ended, the ETA is the mean time of
+    the finished blocks (they cost alike) times the blocks still to do, plus what is left of the
+    current one; before that it extrapolates from the layers done (single-layer stages, the
+    embedding and the head, are cheap and not counted). quiet: one line, rewritten in place and
+    ended by close(); else a line per layer. log None: nothing is shown."""
+
+    def __init__(self, stages, log, quiet=False, start=None):
+        self.log, self.quiet = log, quiet
+        self.start = start or time.time()
+        self.stage_of = {n: k for k, (_, _, names) in enumerate(stages) for n in names}
+        self.labels = [label for label, _, _ in stages]
+        self.sizes = [len(names) for _, _, names in stages]
+        self.layers_done = 0
+        self.block_seconds = []  # seconds of each finished multi-layer stage
+        self.current, self.in_stage, self.stage_start = None, 0, self.start
+        self._width = 0
+
+    def eta(self, now):
+        """Seconds left, estimated at `now` (None before any layer is done)."""
+        if not self.layers_done:
+            return None
+        k = self.current
+        if not self.block_seconds:
+            return (now - self.start) / self.layers_done * (sum(self.sizes) - self.layers_done)
+        per_block = sum(self.block_seconds) / len(self.block_seconds)
+        later = sum(1 for size in self.sizes[k + 1:] if size > 1)
+        here = max(per_block - (now - self.stage_start), 0.0) if self.in_stage < self.sizes[k] else 0.0
+        return per_block * later + here
+
+    def layer_done(self, name, text, seconds):
+        now = time.time()
+        k = self.stage_of.get(name, self.current or 0)
+        if k != self.current:
+            self.current, self.in_stage, self.stage_start = k, 0, now - seconds
+        self.in_stage += 1
+        self.layers_done += 1
+        if self.in_stage == self.sizes[k] > 1:
+            self.block_seconds.append(now - self.stage_start)
+        if self.log is None:
+            return
+        eta = self.eta(now)
+        where = f"{self.labels[k]} ({k + 1}/{len(self.sizes)})"
+        clock = f"{now - self.start:.0f}s elapsed, ETA " + ("?" if eta is None else f"{eta:.0f}s")
+        if self.quiet:
+            line = f"calibrating {where} {name} [{self.layers_done}/{sum(self.sizes)} layers, {clock}]"
+            self.log.write("\r" + line.ljust(self._width))
+            self._width = len(line)
+        else:
+            self.log.write(f"  {text} [{seconds:.1f}s, {where}, {clock}]\n")
+        self.log.flush()
+
+    def close(self):
+        if self.log is not None and self.quiet and self._width:
+            self.log.write("\n")
+            self.log.flush()
+
+
+def calibrate_model(model, images, qcfg, log=sys.stderr, stages=None, quiet=False):
     """Calibrate every quantized cell of `model` on images (N, C, H, W) with qcfg['method'],
     stage by stage. Leaves the model in quantized mode. Returns {layer: info}. `stages`: only
-    the first that many stages of model_stages (benchmarks that time part of a model)."""
+    the first that many stages of model_stages (benchmarks that time part of a model). log: the
+    stream of the progress lines (None: silent); quiet: one updating line instead of a line per
+    layer (CalibrationProgress)."""
     method = get_method(qcfg)
     keep_heap_memory()
     batch = qcfg["calib_batch_size"]
@@ -365,12 +429,14 @@ def calibrate_model(model, images, qcfg, log=sys.stderr, stages=None):
     x_fp = np.asarray(images, np.float32)
     x_q = x_fp
     start = time.time()
-    with calibration_session(model) as cells:
-        for _, fn, names in model_stages(model)[:stages]:
+    todo = model_stages(model)[:stages]
+    progress = CalibrationProgress(todo, log, quiet, start)
+    with calibration_session(model) as cells, contextlib.closing(progress):
+        for _, fn, names in todo:
             if hasattr(method, "before_stage"):  # e.g. vtptq_plus folds LayerNorm scales into the stage
                 method.before_stage(fn, x_fp, batch)
             fp_out = []  # the FP stage output, when calibrate_stage's pass of the FP targets made it
-            report.update(calibrate_stage(method, cells, fn, names, x_fp, x_q, batch, log, start, fp_out))
+            report.update(calibrate_stage(method, cells, fn, names, x_fp, x_q, batch, log, start, fp_out, progress))
             # advance both paths to the next stage (the FP stage is the same before and after
             # calibration: bias corrections and learned weights apply only while quantizing)
             _set_quant(cells, names, False)
