@@ -134,20 +134,43 @@ class Splits:
         return {"top1": res["top1"], "agreement": quant.fp_agreement(fp["predictions"], res["predictions"])}
 
 
-def run_table(out_root, variants, bits_list, seeds, splits, overrides, pairs=None):
+def resumed_runs(out_root, splits, ref):
+    """The runs of OUT_ROOT/summary.json (from an earlier, interrupted table with the same
+    splits) and the FP result file of its first split; ([], None) when there is none."""
+    summary = os.path.join(out_root, "summary.json")
+    fp_result = os.path.join(out_root, f"fp_result_{splits[0]}.json")
+    if not os.path.isfile(summary) or not os.path.isfile(fp_result):
+        return [], None
+    with open(summary, encoding="utf-8") as f:
+        data = json.load(f)
+    if data.get("splits") != splits:
+        raise SystemExit(f"error: {summary}: its splits are {data.get('splits')}, this table's {splits}; "
+                         "resume with the same --splits or use another --output")
+    with open(fp_result, encoding="utf-8") as f:
+        fp = json.load(f)
+    ref.fp[splits[0]] = {"top1": fp["top1"], "predictions": fp["top1_predictions"]}
+    return data["runs"], fp_result
+
+
+def run_table(out_root, variants, bits_list, seeds, splits, overrides, pairs=None, resume=False):
     """Calibrate every (variant, widths, seed), evaluate on every split; write
-    OUT_ROOT/summary.{md,json} after each run. pairs: [(w, a)] instead of bits_list."""
+    OUT_ROOT/summary.{md,json} after each run. pairs: [(w, a)] instead of bits_list. resume:
+    keep the runs of OUT_ROOT/summary.json and do only the others (a long table that stopped
+    part-way, e.g. on a MindSpore graph-compilation error after many runs in one process)."""
     from src.api import atomic_write_json, atomic_write_text, defaults
     base = dict(defaults(), **overrides)
     ref = Splits(base)
     os.makedirs(out_root, exist_ok=True)
-    runs, fp_result = [], None
+    runs, fp_result = resumed_runs(out_root, splits, ref) if resume else ([], None)
+    done = {(r["variant"], r["w_bits"], r["a_bits"], r["seed"], r["mp"]) for r in runs}
     widths = [(w, a) for w, a in pairs] if pairs else [(b, b) for b in bits_list]
     for label, over in variants:
         for w, a in ([None] if over.get("mixed_precision") else widths):
             tag = over["mp_target"] if w is None else f"w{w}a{a}"
             for seed in seeds:
                 name = f"{label}_{tag}" + (f"_s{seed}" if len(seeds) > 1 or seed else "")
+                if w is not None and (label, w, a, seed, False) in done:
+                    continue
                 cfg = dict(base, **over, name=name, output=os.path.join(out_root, name), calib_seed=seed,
                            split=splits[0], fp_result=fp_result)
                 if w is not None:
@@ -276,6 +299,8 @@ def main(argv=None):
     p.add_argument("--max-images", type=int, default=None, help="first N images of each split (default: all)")
     p.add_argument("--output", default=os.path.join("outputs", "embedded_table"))
     p.add_argument("--plot-only", action="store_true", help="only redraw the plots from OUTPUT")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the runs already in OUTPUT/summary.json and do only the missing ones")
     args = p.parse_args(argv)
     if args.plot_only:
         plot(args.output)
@@ -301,7 +326,7 @@ def main(argv=None):
     bits = tuple(int(b) for b in args.bits.split(","))
     overrides = {"calib_num": args.calib_num, "calib_batch_size": 256,
                  **({"max_images": args.max_images} if args.max_images else {})}
-    run_table(args.output, variants, bits, seeds, splits, overrides, pairs)
+    run_table(args.output, variants, bits, seeds, splits, overrides, pairs, resume=args.resume)
     plot(args.output)
     return 0
 

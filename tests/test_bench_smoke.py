@@ -109,6 +109,24 @@ def test_embedded_table(tmp_path):
     assert "minmax" in (out / "summary.md").read_text() and (out / "accuracy_size.png").is_file()
 
 
+def test_embedded_table_resume(tmp_path, monkeypatch):
+    """--resume keeps the runs of summary.json and calibrates only the missing draws."""
+    table = load("embedded_table")
+    out = tmp_path / "table"
+    common = ["--variants", "minmax", "--bits", "8", "--no-mp", "--calib-num", "4", "--max-images", "20",
+              "--splits", "val,test", "--output", str(out)]
+    table.main([*common, "--seeds", "0"])
+    calls = []
+    real = table.quant.main
+    monkeypatch.setattr(table.quant, "main", lambda cfg: calls.append(cfg["calib_seed"]) or real(cfg))
+    table.main([*common, "--seeds", "0-1", "--resume"])
+    assert calls == [1]
+    runs = json.loads((out / "summary.json").read_text())["runs"]
+    assert [r["seed"] for r in runs] == [0, 1] and all("test" in r and "val" in r for r in runs)
+    with pytest.raises(SystemExit, match="splits"):
+        table.main([*common[:-4], "--splits", "val", "--output", str(out), "--seeds", "0-1", "--resume"])
+
+
 def test_eval_memory(tmp_path, capsys):
     images = tmp_path / "jpegs"
     images.mkdir()
