@@ -35,7 +35,7 @@ QUANT_KEYS = ["model", "ckpt", "data", "method", "w_bits", "a_bits", "calib_num"
               "search_candidates", "search_rounds", "weight_per_channel", "softmax_unsigned", "quantize_head",
               "quantize_patch_embed", "quantize_matmul1", "quantize_matmul2", "max_rounds", "ranking_loss",
               "ranking_gamma", "ranking_theta", "ranking_pairs", "bias_correction", "mixed_precision", "mp_target",
-              "mp_min_bits", "mp_criterion",
+              "mp_min_bits", "mp_criterion", "mp_accept_z",
               "ln_reparam", "softmax_quantizer", "gelu_asymmetric", "weight_channel_search", "recon_iters", "attn_reparam",
               "skip_bad_images", "crop_pct",
               "interpolation", "num_classes", "drop_head", "seed"]

@@ -67,10 +67,15 @@ PLUS_VARIANTS = [
 ]
 VARIANTS = VARIANTS + PLUS_VARIANTS
 DEFAULT_VARIANTS = [v for v, _ in VARIANTS if not v.startswith(("plus_no_", "plus_softmax_uniform", "plus_with_"))]
-MP_VARIANTS = [(label, {"method": method, "mixed_precision": True, "mp_target": t, "mp_criterion": crit})
-               for label, method, crit in (("vtptq_mp", "vtptq", "paper"), ("vtptq_mp_refined", "vtptq", "refined"),
-                                           ("vtptq_plus_mp_refined", "vtptq_plus", "refined"))
-               for t in ("6MP", "4MP")]  # vtptq_plus: the refined criterion only (quant.py refuses paper)
+MP_TARGETS = ("6MP", "4MP")
+MP_VARIANTS = [(label, dict({"method": method, "mixed_precision": True, "mp_target": t, "mp_criterion": crit}, **extra))
+               for label, method, crit, extra in (("vtptq_mp", "vtptq", "paper", {}),
+                                                  ("vtptq_mp_refined", "vtptq", "refined", {}),
+                                                  ("vtptq_plus_mp_refined", "vtptq_plus", "refined", {}),
+                                                  # the refined criterion's paired-test acceptance rule (mp_accept_z)
+                                                  ("vtptq_mp_refined_z1", "vtptq", "refined", {"mp_accept_z": 1.0}))
+               for t in MP_TARGETS]  # vtptq_plus: the refined criterion only (quant.py refuses paper)
+DEFAULT_MP_VARIANTS = ("vtptq_mp", "vtptq_mp_refined", "vtptq_plus_mp_refined")
 PLOT_BITS = range(2, 17)
 PAIR_W, PAIR_A = (2, 3, 4, 6, 8), (3, 4, 6, 8)
 PAIR_METHODS = ("minmax", "vtptq_all", "vtptq_plus")
@@ -163,13 +168,14 @@ def run_table(out_root, variants, bits_list, seeds, splits, overrides, pairs=Non
     os.makedirs(out_root, exist_ok=True)
     runs, fp_result = resumed_runs(out_root, splits, ref) if resume else ([], None)
     done = {(r["variant"], r["w_bits"], r["a_bits"], r["seed"], r["mp"]) for r in runs}
+    done_mp = {(r["variant"], r["bits"], r["seed"]) for r in runs if r["mp"]}
     widths = [(w, a) for w, a in pairs] if pairs else [(b, b) for b in bits_list]
     for label, over in variants:
         for w, a in ([None] if over.get("mixed_precision") else widths):
             tag = over["mp_target"] if w is None else f"w{w}a{a}"
             for seed in seeds:
                 name = f"{label}_{tag}" + (f"_s{seed}" if len(seeds) > 1 or seed else "")
-                if w is not None and (label, w, a, seed, False) in done:
+                if (label, w, a, seed, False) in done or w is None and (label, tag, seed) in done_mp:
                     continue
                 cfg = dict(base, **over, name=name, output=os.path.join(out_root, name), calib_seed=seed,
                            split=splits[0], fp_result=fp_result)
@@ -287,6 +293,11 @@ def main(argv=None):
     p.add_argument("--calib-num", type=int, default=32)
     p.add_argument("--bits", default="8,6,4,3", help="uniform bit widths, comma-separated (default 8,6,4,3)")
     p.add_argument("--no-mp", action="store_true", help="skip the mixed-precision rows")
+    p.add_argument("--mp-variants", help="comma-separated mixed-precision rows, of: "
+                   + ", ".join(dict(MP_VARIANTS)) + f" (default: {', '.join(DEFAULT_MP_VARIANTS)}); given without "
+                   "--variants, only these rows run")
+    p.add_argument("--mp-targets", default=",".join(MP_TARGETS),
+                   help=f"mixed-precision size targets, comma-separated (default {','.join(MP_TARGETS)})")
     p.add_argument("--variants", help="comma-separated subset of: " + ", ".join(v for v, _ in VARIANTS)
                    + f" (default: {', '.join(DEFAULT_VARIANTS)}; with --pairs: {', '.join(PAIR_METHODS)})")
     p.add_argument("--seeds", default="0", help="calibration draws (calib_seed), e.g. 0-4 (default 0)")
@@ -313,7 +324,13 @@ def main(argv=None):
     if not splits or set(splits) - {"test", "val"} or len(set(splits)) != len(splits):
         p.error(f"--splits {args.splits!r}: expected test, val or both, each once")
     known = dict(VARIANTS)
-    wanted = args.variants.split(",") if args.variants else (list(PAIR_METHODS) if args.pairs else DEFAULT_VARIANTS)
+    wanted = args.variants.split(",") if args.variants else (
+        list(PAIR_METHODS) if args.pairs else [] if args.mp_variants else DEFAULT_VARIANTS)
+    mp_wanted = args.mp_variants.split(",") if args.mp_variants else list(DEFAULT_MP_VARIANTS)
+    mp_targets = args.mp_targets.split(",")
+    if set(mp_wanted) - set(dict(MP_VARIANTS)) or set(mp_targets) - set(MP_TARGETS):
+        p.error(f"--mp-variants {args.mp_variants!r} / --mp-targets {args.mp_targets!r}: expected a subset of "
+                f"{', '.join(dict(MP_VARIANTS))} / of {', '.join(MP_TARGETS)}")
     unknown = set(wanted) - set(known)
     if unknown:
         p.error(f"unknown variants {sorted(unknown)}")
@@ -322,7 +339,8 @@ def main(argv=None):
     if args.pairs:
         pairs = QUICK_PAIRS if args.quick else [(w, a) for w in PAIR_W for a in PAIR_A]
     elif not args.no_mp:
-        variants = variants + MP_VARIANTS
+        by_key = {(v, over["mp_target"]): over for v, over in MP_VARIANTS}
+        variants = variants + [(v, by_key[v, t]) for t in mp_targets for v in mp_wanted]
     bits = tuple(int(b) for b in args.bits.split(","))
     overrides = {"calib_num": args.calib_num, "calib_batch_size": 256,
                  **({"max_images": args.max_images} if args.max_images else {})}

@@ -75,6 +75,9 @@ DEFAULTS = {
                               "other modules in FP, exact knapsack) or 'refined' (beyond the paper: end-to-end KL of "
                               "the logits on the calibration set, knapsack then a local search of bit swaps); "
                               "vtptq_plus: refined only"),
+    "mp_accept_z": (0.0, "refined criterion: keep a move only if its mean per-image KL gain exceeds this many standard "
+                         "errors (a paired test over the calibration images; 0: any gain above 1%, the rule chosen "
+                         "on val, docs/results.md)"),
     "bias_correction": (True, "vtptq: subtract the expected output error per channel from the bias after each round"),
     # vtptq_plus switches (src/quant/vtptq_plus.py); None: the method's default, off for vtptq, on for vtptq_plus
     "ln_reparam": (None, "vtptq_plus: fold per-channel centres and ranges of the qkv / fc1 inputs into the LayerNorm "
@@ -85,7 +88,7 @@ DEFAULTS = {
     "weight_channel_search": (None, "vtptq_plus: per-output-channel weight intervals, each searched on the layer's "
                                     "Pearson objective (implies weight_per_channel)"),
     "attn_reparam": (None, "vtptq_plus: fold per-channel factors into Q/K (Q·s, K/s) and V/attn.proj (V/t, proj·t), "
-                           "each chosen per block on the calibration images; None: off in both methods)"),
+                           "each chosen per block on the calibration images; None: the method's default)"),
     "recon_iters": (None, "vtptq_plus: Adam steps of learned weight rounding per layer (AdaRound-style, layer-wise "
                           "MSE, gated by held-out calibration images; 0: off; None: 0, the default of both methods)"),
     "fp_result": (None, "reuse this result.json of an FP eval (same model, checkpoint, data) instead of "
@@ -113,7 +116,7 @@ RANGES = {"batch_size": (1, 65536), "max_images": (1, None), "num_workers": (0, 
           "percentile": (0.0, 100.0), "search_alpha": (0.0, None), "search_beta": (0.0, None),
           "search_candidates": (1, 10000), "search_rounds": (1, 1000), "max_rounds": (1, 1000),
           "ranking_gamma": (0.0, None), "ranking_theta": (0.0, None), "ranking_pairs": (0, None), "crop_pct": (0.1, 2.0),
-          "mp_min_bits": (2, 16), "recon_iters": (0, 100000)}
+          "mp_min_bits": (2, 16), "mp_accept_z": (0.0, 100.0), "recon_iters": (0, 100000)}
 
 # Keys whose lower bound is excluded (a value must be above it).
 OPEN_LOW = {"percentile", "search_alpha"}

@@ -25,8 +25,9 @@ against the FP logits z_fp:
    one up and one down, within the size target; the moves are ranked by their additive
    prediction from Ω, the best `REFINED_TOP_MOVES` not yet measured are measured, and the
    best is kept only if it lowers the measured L by more than `REFINED_MIN_GAIN` (relative;
-   a guard against fitting the noise of the 32 calibration images; `REFINED_Z` > 0 also
-   asks for a paired test over the images, off: see docs/results.md). It stops when no move is
+   a guard against fitting the noise of the 32 calibration images; `mp_accept_z` > 0 also
+   asks for a paired test over the images; its default `REFINED_Z` = 0 was chosen on val:
+   docs/results.md). It stops when no move is
    kept or after `REFINED_MAX_ITERS` kept moves. The knapsack's assignment replaces the
    uniform one by the same rule.
 
@@ -52,7 +53,7 @@ from .mixed_precision import candidate_bits, knapsack, model_modules, module_wei
 
 REFINED_TOP_MOVES = 6   # moves measured per local-search step
 REFINED_MIN_GAIN = 0.01  # a move is kept only if it lowers L by more than this fraction
-REFINED_Z = 0.0         # ... and by more than this many standard errors of the per-image gains
+REFINED_Z = 0.0         # ... and by more than this many standard errors of the per-image gains (mp_accept_z)
 REFINED_MAX_ITERS = 12  # at most this many kept moves
 MAX_MOVE_MODULES = 3    # a move changes the widths of 2 .. this many modules
 MOVE_STEPS = (-2, -1, 1, 2)
@@ -184,8 +185,8 @@ class EndToEnd:
     inputs are cached per prefix of the assignment, so a change in block k reruns blocks k..
     and the head only. Run inside `pynative()` (widths change between passes)."""
 
-    def __init__(self, model, images, cache, modules, nominal, batch):
-        self.model, self.cache, self.modules, self.batch = model, cache, modules, batch
+    def __init__(self, model, images, cache, modules, nominal, batch, z=REFINED_Z):
+        self.model, self.cache, self.modules, self.batch, self.z = model, cache, modules, batch, z
         self.cells = dict(quant_cells(model))
         self.norms = {name: input_norm(model, name) for name in self.cells}
         for name, cell in self.cells.items():
@@ -236,14 +237,14 @@ class EndToEnd:
 
     def better(self, new, old):
         """True if assignment `new` lowers L by more than REFINED_MIN_GAIN (relative) and by more
-        than REFINED_Z standard errors of the per-image differences (a paired test over the
+        than self.z (mp_accept_z) standard errors of the per-image differences (a paired test over the
         calibration images: a move that helps a few images and hurts the rest is not kept)."""
         self(new), self(old)
         d = self.per_image[tuple(old)] - self.per_image[tuple(new)]
         gain = float(d.mean())
         if gain <= self.values[tuple(old)] * REFINED_MIN_GAIN:
             return False
-        return gain > REFINED_Z * float(d.std(ddof=1)) / np.sqrt(len(d)) if len(d) > 1 else True
+        return gain > self.z * float(d.std(ddof=1)) / np.sqrt(len(d)) if len(d) > 1 else True
 
 
 @contextlib.contextmanager
@@ -309,7 +310,7 @@ def refined_search(build_model, images, qcfg, log=sys.stderr, cache=None):
     uniform = tuple([k_nom] * len(names))
     with pynative():
         model.set_train(False)
-        ev = EndToEnd(model, images, cache, modules, nominal, batch)
+        ev = EndToEnd(model, images, cache, modules, nominal, batch, z=float(qcfg.get("mp_accept_z", REFINED_Z)))
 
         def loss(idx):
             return ev(tuple(bits[k] for k in idx))
