@@ -171,7 +171,7 @@ def run_table(out_root, variants, bits_list, seeds, splits, overrides, pairs=Non
     done_mp = {(r["variant"], r["bits"], r["seed"]) for r in runs if r["mp"]}
     widths = [(w, a) for w, a in pairs] if pairs else [(b, b) for b in bits_list]
     for label, over in variants:
-        for w, a in ([None] if over.get("mixed_precision") else widths):
+        for w, a in ([(None, None)] if over.get("mixed_precision") else widths):
             tag = over["mp_target"] if w is None else f"w{w}a{a}"
             for seed in seeds:
                 name = f"{label}_{tag}" + (f"_s{seed}" if len(seeds) > 1 or seed else "")
