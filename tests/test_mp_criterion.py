@@ -265,13 +265,15 @@ def test_quant_vtptq_plus_refined_checkpoint_reevaluates(tmp_path):
 
 def test_cache_keeps_one_copy_of_unchanged_weights():
     """vtptq changes no parameter: every width's cached state shares the first width's arrays;
-    vtptq_plus's folded layers (qkv / fc1 and their LayerNorms) keep their own where they differ."""
+    vtptq_plus's folded layers (qkv / fc1 and their LayerNorms; attn.proj with attn_reparam, its
+    default) keep their own where they differ."""
     x = tiny_images(8)
     cache = mp_refined.calibrate_widths(tiny2, x, qcfg(), (3, 4), log=io.StringIO())
     fp = [n for n, st in cache[3].items() if st["fp"] is not None]
     assert fp and all(cache[4][n]["fp"] is cache[3][n]["fp"] for n in fp)
-    plus = mp_refined.calibrate_widths(tiny2, x, plus_qcfg(), (3, 4), log=io.StringIO())
-    for n, st in plus[4].items():
-        if st["fp"] is not None and st["fp"] is not plus[3][n]["fp"]:
-            assert not all(np.array_equal(u, v) for u, v in zip(st["fp"], plus[3][n]["fp"]) if u is not None)
-    assert all(plus[4][n]["fp"] is plus[3][n]["fp"] for n in plus[4] if n.endswith(("proj", "fc2")))
+    for attn_reparam, shared in ((True, ("fc2",)), (False, ("proj", "fc2"))):
+        plus = mp_refined.calibrate_widths(tiny2, x, plus_qcfg(attn_reparam=attn_reparam), (3, 4), log=io.StringIO())
+        for n, st in plus[4].items():
+            if st["fp"] is not None and st["fp"] is not plus[3][n]["fp"]:
+                assert not all(np.array_equal(u, v) for u, v in zip(st["fp"], plus[3][n]["fp"]) if u is not None)
+        assert all(plus[4][n]["fp"] is plus[3][n]["fp"] for n in plus[4] if n.endswith(shared))
