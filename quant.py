@@ -242,7 +242,7 @@ def _quantize(cfg, dataset, calib_images, shardable, dist, out):
         result.update(mp_target=cfg["mp_target"], mp_target_mb=mp_target_mb,
                       mp_criterion=cfg.get("mp_criterion", "paper"), mp_bits=mp_report["modules"])
         if "swaps_accepted" in mp_report:
-            result["mp_swaps_accepted"] = mp_report["swaps_accepted"]
+            result.update(mp_swaps_accepted=mp_report["swaps_accepted"], mp_accept_z=cfg.get("mp_accept_z", 0.0))
         result["mixed_precision"] = mp_report
     if dist.enabled:
         result.update(num_shards=dist.size, calibration_rank_max_diff=sync_diff,

@@ -213,6 +213,7 @@ def test_quant_refined_result_fields_and_bits_png(tmp_path):
     assert saved["mp_criterion"] == "refined"
     assert saved["model_size_mb"] <= saved["mp_target_mb"] + 1e-9
     assert isinstance(saved["mp_swaps_accepted"], int) and saved["mp_swaps_accepted"] >= 0
+    assert saved["mp_accept_z"] == 0.0
     assert set(saved["mp_bits"]) == {f"blocks.{i}.{k}" for i in range(4) for k in ("attn", "mlp")}
     for name, bits in saved["mp_bits"].items():
         block, kind = name.rsplit(".", 1)
@@ -277,3 +278,31 @@ def test_cache_keeps_one_copy_of_unchanged_weights():
             if st["fp"] is not None and st["fp"] is not plus[3][n]["fp"]:
                 assert not all(np.array_equal(u, v) for u, v in zip(st["fp"], plus[3][n]["fp"]) if u is not None)
         assert all(plus[4][n]["fp"] is plus[3][n]["fp"] for n in plus[4] if n.endswith(shared))
+
+
+def test_accept_z_is_a_paired_test_over_the_images():
+    """mp_accept_z: a move whose mean per-image gain passes the 1% rule is kept with z = 0 and
+    refused when asked for z standard errors that the noisy per-image gains do not reach;
+    a gain that is the same on every image passes any z."""
+    class Fixed(mp_refined.EndToEnd):
+        def __init__(self, per_image, z):  # noqa: super() needs a model; only better()'s state is set
+            self.per_image = {k: np.asarray(v, np.float64) for k, v in per_image.items()}
+            self.values = {k: float(np.mean(v)) for k, v in per_image.items()}
+            self.z = z
+
+        def __call__(self, assignment):
+            return self.values[tuple(assignment)]
+
+    old, new = (4, 4), (3, 5)
+    noisy = {old: [1.0, 1.0, 1.0, 1.0], new: [0.2, 1.6, 0.3, 1.5]}  # mean gain 0.1 (10% of L), SE 0.35
+    assert Fixed(noisy, 0.0).better(new, old)
+    assert not Fixed(noisy, 1.0).better(new, old)
+    steady = {old: [1.0, 1.0, 1.0, 1.0], new: [0.9, 0.9, 0.9, 0.9]}
+    assert Fixed(steady, 5.0).better(new, old)
+    tiny = {old: [1.0, 1.0, 1.0, 1.0], new: [0.995] * 4}  # 0.5%: below REFINED_MIN_GAIN
+    assert not Fixed(tiny, 0.0).better(new, old)
+    # the key reaches the search: quant.py's config accepts it, and an EndToEnd takes it
+    from src.config import check_value
+    assert check_value("mp_accept_z", 1, "test") == 1.0
+    with pytest.raises(Exception, match="mp_accept_z"):
+        check_value("mp_accept_z", -1.0, "test")
