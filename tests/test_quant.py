@@ -786,3 +786,16 @@ def test_run_embedded_suite_fast(tmp_path, monkeypatch):
     fp = read_json(root / "fp_result.json")
     assert fp["top1"] == rows[0]["fp_top1"] and fp["num_images"] == 200
     assert (root / "minmax_w8a8" / "quantized.ckpt").is_file()
+
+
+@pytest.mark.parametrize("tool", ["quant", "eval", "export"])
+def test_help_prints_every_flag(tool, capsys):
+    """--help exits 0 and prints the help of every flag (argparse formats each help text with
+    %, so a stray '%' in a config key's help breaks --help for the whole tool)."""
+    with pytest.raises(SystemExit) as exc:
+        importlib.import_module(tool).cli(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage:")
+    if tool == "quant":
+        assert all(f"--{k.replace('_', '-')}" in out for k in quant_script.QUANT_KEYS)
