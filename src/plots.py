@@ -120,7 +120,9 @@ def plot_pair_grid(panels, w_bits, a_bits, path, title=""):
             for j, a in enumerate(a_bits):
                 if cells.get((w, a)) is not None:
                     grid[i, j] = cells[(w, a)]
-                    ax.text(j, i, f"{grid[i, j]:+.2f}", ha="center", va="center", fontsize=7)
+                    dark = abs(grid[i, j]) > 0.6 * lim  # white text where the cell's colour is deep
+                    ax.text(j, i, f"{grid[i, j]:+.2f}", ha="center", va="center", fontsize=7,
+                            color="white" if dark else "black")
         ax.imshow(grid, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
         ax.set_xticks(range(len(a_bits)), [f"A{a}" for a in a_bits], fontsize=8)
         ax.set_yticks(range(len(w_bits)), [f"W{w}" for w in w_bits], fontsize=8)
