@@ -28,6 +28,10 @@ def parse(argv=None):
     p.add_argument("--root", default=None, help="checkout whose src/ and bench/ to run (default this one)")
     p.add_argument("--save", metavar="FILE", help="write the intervals and bias corrections (npz)")
     p.add_argument("--compare", metavar="FILE", help="compare them bit for bit with a saved run")
+    p.add_argument("--threads", default="0",
+                   help="calib_threads of the search, comma-separated to time each in turn in this process "
+                        "(e.g. 1,0: one thread, then one per core; the ratio and the bit-identity of their "
+                        "intervals are printed; default 0)")
     p.add_argument("--verbose", action="store_true", help="per-layer calibration log")
     return p.parse_args(argv)
 
@@ -38,13 +42,44 @@ def main(argv=None):
     sys.path[:0] = [root, os.path.join(root, "bench")]
     os.environ.setdefault("GLOG_v", "3")
     import numpy as np
-    import mindspore as ms
     import bench_quant
-    from src.api import calibrate_model, model_stages, quant_cells, quantize_model
 
     bench_quant.RANKING_PAIRS = args.ranking_pairs
     images = bench_quant.calibration_images(args.model, args.calib_num)
     cfg = bench_quant.bench_cfg(args.model, args.method, len(images), args.bits)
+    threads = [int(t) for t in args.threads.split(",")]
+    runs = [calibrate_once(args, cfg, images, root, t) for t in threads]
+    scales = runs[0][1]
+    if len(runs) > 1:
+        first = runs[0]
+        for (secs, other, t), t_label in zip(runs[1:], threads[1:]):
+            same = scales.keys() == other.keys() and all(scales[k].tobytes() == other[k].tobytes() for k in scales)
+            print(f"  calib_threads {threads[0]} / calib_threads {t_label} ({t} thread{'s' if t > 1 else ''}): "
+                  f"{first[0]:.1f} s / "
+                  f"{secs:.1f} s = {first[0] / secs:.2f}x; intervals and bias corrections "
+                  + ("bit-identical" if same else "DIFFERENT") + f" ({len(scales)} arrays)")
+    if args.save:
+        np.savez(args.save, **scales)
+    if args.compare:
+        ref = np.load(args.compare)
+        bad = sorted(k for k in set(ref.files) | set(scales)
+                     if k not in ref.files or k not in scales or ref[k].tobytes() != scales[k].tobytes())
+        print(f"  intervals and bias corrections vs {args.compare}: "
+              + ("bit-identical" if not bad else f"DIFFERENT: {', '.join(bad)}") + f" ({len(scales)} arrays)")
+        return 1 if bad else 0
+    return 0
+
+
+def calibrate_once(args, cfg, images, root, threads):
+    """Calibrate a fresh model (the same random weights every time) with calib_threads
+    `threads`; print the times. Returns (seconds, {array name: interval or bias correction},
+    the number of search threads used)."""
+    import numpy as np
+    import mindspore as ms
+    import bench_quant
+    import src.api as api
+    from src.api import calibrate_model, model_stages, quant_cells, quantize_model
+    cfg = dict(cfg, calib_threads=threads)
     ms.set_seed(0)  # the same random weights in every run (and checkout)
     np.random.seed(0)
     model = bench_quant.build_fp(args.model)
@@ -60,8 +95,10 @@ def main(argv=None):
     per_stage = {s: sum(info["seconds"] for layer, info in report.items() if stage_of(layer) == s)
                  for s in stage_names}
     done = [s for s in blocks if any(k.startswith(s + ".") for k in report)]
+    used = api.set_search_threads(threads) if hasattr(api, "set_search_threads") else 1  # a checkout before threads
     print(f"{args.model} {args.method} W{args.bits}A{args.bits}, {len(images)} images, ranking_pairs "
-          f"{args.ranking_pairs}, code {root}: {seconds:.1f} s for {len(set(stage_names[:args.stages or None]))} "
+          f"{args.ranking_pairs}, calib_threads {threads} ({used} thread{'s' if used > 1 else ''}), code {root}: "
+          f"{seconds:.1f} s for {len(set(stage_names[:args.stages or None]))} "
           f"stages (load average {os.getloadavg()[0]:.2f}; peak resident memory "
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GB)")
     if not args.stages:
@@ -81,16 +118,7 @@ def main(argv=None):
             scales[f"{name}.{op}"] = np.asarray(cell.get_scale(op), np.float32)
         if cell.bias_corr is not None:
             scales[f"{name}.bias_corr"] = np.asarray(cell.bias_corr, np.float32)
-    if args.save:
-        np.savez(args.save, **scales)
-    if args.compare:
-        ref = np.load(args.compare)
-        bad = sorted(k for k in set(ref.files) | set(scales)
-                     if k not in ref.files or k not in scales or ref[k].tobytes() != scales[k].tobytes())
-        print(f"  intervals and bias corrections vs {args.compare}: "
-              + ("bit-identical" if not bad else f"DIFFERENT: {', '.join(bad)}") + f" ({len(scales)} arrays)")
-        return 1 if bad else 0
-    return 0
+    return seconds, scales, used
 
 
 if __name__ == "__main__":

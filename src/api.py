@@ -30,6 +30,7 @@ from .data.fmnist import (FMNIST_SYSTEM_DIR, VAL_IMAGES, VAL_SEED, embedded_path
 from .quant import (METHODS, calibrate_model, layer_report, model_size_mb, quant_cells, quantize_model,
                     register_method, set_quant_mode, size_breakdown, stored_size_mb)
 from .quant.calibrate import model_stages
+from .quant.search import set_search_threads
 from .quant.vtptq import ranking_loss, ranking_loss_all_pairs, ranking_loss_reference, sample_pairs
 from .quant.vtptq_plus import SWITCHES, resolve_switches
 # save, load and export
@@ -52,7 +53,7 @@ __all__ = [
     "save_mindspore_checkpoint",
     "build_eval_dataset", "load_calibration_images", "FMNIST_SYSTEM_DIR", "VAL_IMAGES", "VAL_SEED", "embedded_path",
     "load_embedded", "load_idx_split", "normalize", "val_indices",
-    "METHODS", "calibrate_model", "layer_report", "model_size_mb", "quant_cells", "quantize_model",
+    "METHODS", "calibrate_model", "layer_report", "model_size_mb", "quant_cells", "quantize_model", "set_search_threads",
     "register_method", "set_quant_mode", "size_breakdown", "stored_size_mb", "model_stages", "ranking_loss", "ranking_loss_all_pairs", "ranking_loss_reference",
     "sample_pairs", "SWITCHES", "resolve_switches",
     "evaluation_model", "load_quantized_checkpoint", "save_quantized_checkpoint", "export_onnx", "export_mindir",

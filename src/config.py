@@ -51,6 +51,8 @@ DEFAULTS = {
     "calib_seed": (0, "seed of the calibration image draw"),
     "calib_split": ("train", "split the calibration images come from (ImageNet root; the embedded data has its own)"),
     "calib_batch_size": (32, "batch size of the calibration forward passes"),
+    "calib_threads": (0, "threads of the interval search (candidate chunks run in parallel; 0: one per available "
+                          "core, at most 8; 1: single-threaded); the intervals are the same for any number"),
     "calib_input": ("quantized", "input a layer sees during its calibration: 'quantized' (through the "
                                  "already-quantized layers) or 'fp'"),
     "percentile": (99.99, "percentile of |T| for the percentile method"),
@@ -116,7 +118,7 @@ RANGES = {"batch_size": (1, 65536), "max_images": (1, None), "num_workers": (0, 
           "percentile": (0.0, 100.0), "search_alpha": (0.0, None), "search_beta": (0.0, None),
           "search_candidates": (1, 10000), "search_rounds": (1, 1000), "max_rounds": (1, 1000),
           "ranking_gamma": (0.0, None), "ranking_theta": (0.0, None), "ranking_pairs": (0, None), "crop_pct": (0.1, 2.0),
-          "mp_min_bits": (2, 16), "mp_accept_z": (0.0, 100.0), "recon_iters": (0, 100000)}
+          "mp_min_bits": (2, 16), "calib_threads": (0, 256), "mp_accept_z": (0.0, 100.0), "recon_iters": (0, 100000)}
 
 # Keys whose lower bound is excluded (a value must be above it).
 OPEN_LOW = {"percentile", "search_alpha"}

@@ -19,7 +19,7 @@ from ..distributed import calibration_offset, gather_samples, max_over_samples
 from ..utils import check_interrupted
 from .convert import quant_cells
 from .quantizer import fake_quant_np, init_scale, percentile_scale
-from .search import LayerProblem, candidate_grid, evaluate_pair, keep_heap_memory, score_candidates
+from .search import LayerProblem, candidate_grid, evaluate_pair, keep_heap_memory, score_candidates, search_threads
 
 
 # ----------------------------------------------------------------------------- stages
@@ -431,7 +431,8 @@ def calibrate_model(model, images, qcfg, log=sys.stderr, stages=None, quiet=Fals
     start = time.time()
     todo = model_stages(model)[:stages]
     progress = CalibrationProgress(todo, log, quiet, start)
-    with calibration_session(model) as cells, contextlib.closing(progress):
+    with calibration_session(model) as cells, contextlib.closing(progress), \
+            search_threads(qcfg.get("calib_threads", 0)):
         for _, fn, names in todo:
             if hasattr(method, "before_stage"):  # e.g. vtptq_plus folds LayerNorm scales into the stage
                 method.before_stage(fn, x_fp, batch)

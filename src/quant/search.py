@@ -8,7 +8,10 @@ A quantized layer is a bilinear function of two operands, out = a @ op(b) (+ bia
 The search quantizes one operand with each candidate interval while the other stays
 quantized at its current interval, and scores each candidate on all calibration samples.
 """
+import concurrent.futures
+import contextlib
 import functools
+import os
 
 import numpy as np
 
@@ -23,7 +26,58 @@ CHUNK_ELEMS = 1 << 22  # float32 elements of candidate outputs held at once (16 
 
 
 X_SUM_KEEP_BYTES = 256 << 20  # the most float64 input sums Σ_t x̂ a layer's input searches share
+MAX_AUTO_THREADS = 8  # calib_threads 0: one thread per available core, at most this many
 GRAM_KEEP_BYTES = 2 << 30  # the most float64 weight Gram matrices (ŴᵀŴ per candidate) a layer's searches share
+
+
+_THREADS = [1]  # threads of the candidate-chunk loops (set_search_threads; 1: the loops run in the caller)
+
+
+def available_cores():
+    """Cores this process may run on (its CPU affinity where the OS reports it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def set_search_threads(n):
+    """Threads for the interval search's candidate chunks: n >= 1, or 0 for one per available
+    core (at most MAX_AUTO_THREADS). Each chunk is the same computation on the same numbers
+    whichever thread runs it, and writes only its own rows: the scores do not depend on n.
+    Returns the number set."""
+    _THREADS[0] = max(1, min(available_cores(), MAX_AUTO_THREADS) if not n else int(n))
+    return _THREADS[0]
+
+
+@contextlib.contextmanager
+def search_threads(n):
+    """set_search_threads(n) for the duration of a with block (the previous number after it)."""
+    before = _THREADS[0]
+    set_search_threads(n)
+    try:
+        yield _THREADS[0]
+    finally:
+        _THREADS[0] = before
+
+
+def for_each_chunk(fn, starts):
+    """fn(start) for every start, on the search threads (in order on one thread); the first
+    exception of any chunk is raised here, after the chunks already running end."""
+    starts = list(starts)
+    if _THREADS[0] == 1 or len(starts) < 2:
+        for start in starts:
+            fn(start)
+        return
+    with concurrent.futures.ThreadPoolExecutor(min(_THREADS[0], len(starts))) as pool:
+        futures = [pool.submit(fn, start) for start in starts]
+        try:
+            for f in futures:
+                f.result()
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
 
 
 def keep_heap_memory():
@@ -190,7 +244,8 @@ def score_candidates(problem, which, candidates, a_hat, b_hat_right, bits, signe
     num_c = len(candidates)
     cand_chunk = cand_chunk or max(1, min(num_c, CHUNK_ELEMS // max(1, problem.out_elems)))
     per_sample, steps = np.zeros((num_c, problem.n), np.float64), [None] * num_c
-    for c0 in range(0, num_c, cand_chunk):
+
+    def chunk(c0):  # rows c0 .. c0 + cand_chunk of per_sample and steps
         check_interrupted()
         cs = candidates[c0:c0 + cand_chunk]
         cs_right = np.stack([problem.right_scale(c) for c in cs]) if which == "b" else cs
@@ -212,6 +267,8 @@ def score_candidates(problem, which, candidates, a_hat, b_hat_right, bits, signe
                 s = s - extra_loss(out, sl)
             per_sample[c0:c0 + len(cs), sl] = s
         steps[c0:c0 + len(cs)] = [problem.sample_step(len(cs))] * len(cs)
+
+    for_each_chunk(chunk, range(0, num_c, cand_chunk))
     scores = sample_mean(per_sample, steps)
     if key is not None:
         memo[key] = scores.copy()
@@ -364,7 +421,8 @@ def _input_search_moments(problem, candidates, b_hat_right, bits, signed, object
     x_sums = None
     if layer is not None and len(candidates) * n * k * 8 <= X_SUM_KEEP_BYTES:
         x_sums = layer.setdefault(("x_sum", candidates.tobytes(), bits, signed, CHUNK_ELEMS), {})
-    for c0 in range(0, len(candidates), cand_chunk):
+
+    def chunk(c0):  # rows c0 .. c0 + cand_chunk of per_sample
         check_interrupted()
         cs = candidates[c0:c0 + cand_chunk]
         for i in range(0, n, step_n):
@@ -391,4 +449,9 @@ def _input_search_moments(problem, candidates, b_hat_right, bits, signed, object
             s_oo = s_oo0 + 2.0 * (x_sum @ w_bias) + bt.const_oo
             per_sample[c0:c0 + len(cs), sl] = _similarity_from_sums(objective, cross, s_o, s_oo, t_norm2[sl],
                                                                     problem.out_elems)
+
+    starts = range(0, len(candidates), cand_chunk)
+    if any((c0, i) not in parts for c0 in starts for i in range(0, n, step_n)):
+        weight_sums()  # computed once, before the chunks share it
+    for_each_chunk(chunk, starts)
     return per_sample, step_n
