@@ -31,7 +31,8 @@ from src.config import (ArgumentParser, ConfigError, add_arguments, check_config
 
 QUANT_KEYS = ["model", "ckpt", "data", "method", "w_bits", "a_bits", "calib_num", "calib_seed", "output",
               "device_target", "fp_result", "mode", "batch_size", "split", "name", "num_workers", "max_images",
-              "calib_split", "calib_batch_size", "calib_threads", "calib_input", "percentile", "search_alpha", "search_beta",
+              "calib_split", "calib_batch_size", "calib_threads", "calib_input", "percentile", "search_alpha",
+              "search_beta",
               "search_candidates", "search_rounds", "weight_per_channel", "softmax_unsigned", "quantize_head",
               "quantize_patch_embed", "quantize_matmul1", "quantize_matmul2", "max_rounds", "ranking_loss",
               "ranking_gamma", "ranking_theta", "ranking_pairs", "bias_correction", "mixed_precision", "mp_target",

@@ -77,9 +77,9 @@ DEFAULTS = {
                               "other modules in FP, exact knapsack) or 'refined' (beyond the paper: end-to-end KL of "
                               "the logits on the calibration set, knapsack then a local search of bit swaps); "
                               "vtptq_plus: refined only"),
-    "mp_accept_z": (0.0, "refined criterion: keep a move only if its mean per-image KL gain exceeds this many standard "
-                         "errors (a paired test over the calibration images; 0: any gain above a hundredth of the loss, the rule chosen "
-                         "on val, docs/results.md)"),
+    "mp_accept_z": (0.0, "refined criterion: keep a move only if its mean per-image KL gain exceeds this many "
+                         "standard errors (a paired test over the calibration images; 0: any gain above a "
+                         "hundredth of the loss, the rule chosen on val, docs/results.md)"),
     "bias_correction": (True, "vtptq: subtract the expected output error per channel from the bias after each round"),
     # vtptq_plus switches (src/quant/vtptq_plus.py); None: the method's default, off for vtptq, on for vtptq_plus
     "ln_reparam": (None, "vtptq_plus: fold per-channel centres and ranges of the qkv / fc1 inputs into the LayerNorm "

@@ -75,7 +75,8 @@ def calibrated(threads):
         calibrate_model(model, x, cfg, log=io.StringIO())
     finally:
         ms.set_context(mode=mode)
-    return {name: {op: np.asarray(cell.get_scale(op)).copy() for op in cell.operands} for name, cell in quant_cells(model)}
+    return {name: {op: np.asarray(cell.get_scale(op)).copy() for op in cell.operands}
+            for name, cell in quant_cells(model)}
 
 
 def test_calibration_equal_on_1_and_2_threads(small_chunks):
