@@ -61,6 +61,45 @@ def search_threads(n):
         _THREADS[0] = before
 
 
+@functools.cache
+def _openblas():
+    """(get, set) of the thread count of numpy's bundled OpenBLAS, or None (another BLAS, or
+    not found): the library numpy loaded, opened again by its path (the same handle)."""
+    import ctypes
+    import glob
+    libs = glob.glob(os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs", "libopenblas*"))
+    for path in libs:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for suffix in ("64_", ""):
+            get = getattr(lib, "openblas_get_num_threads" + suffix, None)
+            put = getattr(lib, "openblas_set_num_threads" + suffix, None)
+            if get is not None and put is not None:
+                get.restype, put.argtypes = ctypes.c_int, [ctypes.c_int]
+                return get, put
+    return None
+
+
+@contextlib.contextmanager
+def _one_blas_thread():
+    """numpy's OpenBLAS on one thread for the duration: the pool's chunks each take a core,
+    instead of every chunk's matrix products competing for all of them. A matrix product's
+    result does not depend on OpenBLAS's thread count (each output element is one thread's)."""
+    blas = _openblas()
+    if blas is None:
+        yield
+        return
+    get, put = blas
+    before = get()
+    put(1)
+    try:
+        yield
+    finally:
+        put(before)
+
+
 def for_each_chunk(fn, starts):
     """fn(start) for every start, on the search threads (in order on one thread); the first
     exception of any chunk is raised here, after the chunks already running end."""
@@ -69,7 +108,7 @@ def for_each_chunk(fn, starts):
         for start in starts:
             fn(start)
         return
-    with concurrent.futures.ThreadPoolExecutor(min(_THREADS[0], len(starts))) as pool:
+    with _one_blas_thread(), concurrent.futures.ThreadPoolExecutor(min(_THREADS[0], len(starts))) as pool:
         futures = [pool.submit(fn, start) for start in starts]
         try:
             for f in futures:
