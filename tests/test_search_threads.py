@@ -112,3 +112,27 @@ def test_chunk_error_reaches_the_caller_and_threads_restore():
     assert search._THREADS[0] == before
     assert set_search_threads(0) >= 1  # 0: one per available core
     set_search_threads(before)
+
+
+def test_openblas_on_one_thread_while_the_pool_runs():
+    """While the chunks run on the pool, numpy's OpenBLAS runs its products on one thread (each
+    chunk takes a core); its thread count is back afterwards, also after an error."""
+    blas = search._openblas()
+    if blas is None:
+        pytest.skip("numpy's BLAS here is not a bundled OpenBLAS")
+    get, _ = blas
+    before = get()
+    seen = []
+
+    def fn(start):
+        seen.append(get())
+        if start == 3:
+            raise ValueError("chunk 3")
+    with search_threads(2), pytest.raises(ValueError):
+        for_each_chunk(fn, range(4))
+    assert seen and set(seen) == {1}
+    assert get() == before
+    with search_threads(1):  # one thread: no pool, OpenBLAS as it was
+        seen.clear()
+        for_each_chunk(fn, range(3))
+    assert set(seen) == {before}
