@@ -194,3 +194,47 @@ def test_no_compiler_means_no_kernels(tmp_path):
     os.symlink(sys.executable, bare / "python")
     path, err = _library_path_in({"VTPTQ_KERNEL_CACHE": str(tmp_path / "cache"), "CXX": "", "PATH": str(bare)})
     assert path == "None" and "no C++ compiler" in err
+
+
+@pytest.mark.parametrize("c,n,h,t,ties", [(3, 2, 2, 7, False), (5, 2, 3, 17, True), (2, 1, 5, 40, False),
+                                          (4, 3, 1, 33, True), (1, 1, 1, 2, True)])
+def test_rank_hinge_kernel_bit_identical(c, n, h, t, ties, monkeypatch):
+    """vtptq's all-pairs ranking loss through the compiled kernel (RankHingeAllPairs) and
+    through numpy's passes: the same bits, ties of the FP scores and of the quantized scores
+    included, row counts that do and do not fill the kernel's 16 lanes."""
+    from src.quant.vtptq import _hinge_sums_kernel, ranking_loss_all_pairs
+    rng = np.random.default_rng(t)
+    fp = rng.standard_normal((n, h, t, t)).astype(np.float32)
+    q = (fp[None] + 0.05 * rng.standard_normal((c, n, h, t, t))).astype(np.float32)
+    if ties:
+        fp = np.round(fp * 2) / 2
+        q[..., ::3] = np.round(q[..., ::3] * 4) / 4
+        q[..., 1, :] = 0.0
+    order = np.zeros((n, h * t, t), np.int64)
+    assert _hinge_sums_kernel(q.reshape(c, n, -1, t), order, fp.reshape(n, -1, t), 0.2) is not None  # the kernel ran
+    got = ranking_loss_all_pairs(fp, q, 0.2)
+    monkeypatch.setenv("VTPTQ_CPU_KERNELS", "0")
+    ref = ranking_loss_all_pairs(fp, q, 0.2)
+    assert got.shape == ref.shape == (c, n)
+    assert got.tobytes() == ref.tobytes()
+
+
+@pytest.mark.parametrize("c,n,h,t,num,chunk", [(5, 3, 2, 23, 40, None), (2, 4, 3, 9, 36, 64), (3, 2, 1, 5, 2, 1)])
+def test_rank_hinge_pairs_kernel_bit_identical(c, n, h, t, num, chunk, monkeypatch):
+    """vtptq's ranking loss over sampled pairs through the compiled kernel (RankHingePairs) and
+    through numpy's gathers: the same bits, with ties, a NaN score and sample chunks."""
+    from src.quant import vtptq
+    if chunk:
+        monkeypatch.setattr(vtptq, "ROW_CHUNK_ELEMS", chunk)
+    rng = np.random.default_rng(num)
+    fp = np.round(rng.standard_normal((n, h, t, t)) * 2).astype(np.float32) / 2
+    q = (fp[None] + 0.05 * rng.standard_normal((c, n, h, t, t))).astype(np.float32)
+    q[0, 0, 0, 0, 1] = np.nan
+    pairs = vtptq.sample_pairs(t, num, seed=1)
+    assert vtptq._pair_hinge_kernel() is not None  # the kernel runs
+    got = vtptq.ranking_loss(fp, q, 0.2, pairs=pairs)
+    monkeypatch.setenv("VTPTQ_CPU_KERNELS", "0")
+    assert vtptq._pair_hinge_kernel() is None
+    ref = vtptq.ranking_loss(fp, q, 0.2, pairs=pairs)
+    assert got.shape == ref.shape == (c, n)
+    assert got.tobytes() == ref.tobytes()

@@ -71,7 +71,7 @@ def _cpu_signature():
     return f"{platform.machine()} {flags}"
 
 
-SYMBOLS = ("FakeQuant", "Gelu", "Permute0213", "SplitHeads")
+SYMBOLS = ("FakeQuant", "Gelu", "Permute0213", "SplitHeads", "RankHingeAllPairs", "RankHingePairs")
 HASH_SUFFIX = ".sha256"  # beside the library: "<sha256 of its bytes>  <library file name>"
 
 
@@ -239,6 +239,29 @@ def library_path():
         return None
 
 
+def switched_off():
+    """Whether VTPTQ_CPU_KERNELS turns the kernels off (0, false, no, off)."""
+    return os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off")
+
+
+@functools.lru_cache(maxsize=None)
+def _numpy_function(path, name, argtypes):
+    import ctypes
+    fn = getattr(ctypes.CDLL(path), name)
+    fn.restype, fn.argtypes = ctypes.c_int, list(argtypes)
+    return fn
+
+
+def numpy_kernel(name, argtypes):
+    """The ctypes function `name` of the library, for numpy arrays (the interval search's
+    kernels, which run on any device target: the search is numpy on the CPU), or None where the
+    kernels are off (no compiler, VTPTQ_CPU_KERNELS=0). ctypes releases the GIL during the call."""
+    if switched_off():
+        return None
+    path = library_path()
+    return None if path is None else _numpy_function(path, name, tuple(argtypes))
+
+
 FUSED_ATTRS = ("fq_op", "fused", "heads_t", "qkv_t")  # cell attributes that hold a fused kernel (or None)
 
 
@@ -264,7 +287,7 @@ def enabled():
     """Whether the fused kernels are used for layers built now: CPU device, not switched off,
     library built."""
     import mindspore as ms
-    if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
+    if switched_off():
         return False
     if ms.get_context("device_target") != "CPU":
         return False

@@ -172,3 +172,99 @@ extern "C" int SplitHeads(int nparam, void **params, int *ndims, int64_t **shape
   });
   return 0;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Kernels for numpy arrays (called through ctypes by the interval search, on the caller's
+// thread; no denormal flushing, as numpy computes). Each reproduces a numpy computation of
+// src/quant bit for bit: the same float32 operations, and float64 sums in numpy's order.
+
+typedef float V8f __attribute__((vector_size(32)));
+typedef double V8d __attribute__((vector_size(64)));
+
+inline V8f Load8(const float *p) {
+  V8f v;
+  __builtin_memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline V8f Abs8(V8f x) {  // |x| lane by lane (clears the sign bit, as fabs)
+  typedef int32_t V8i __attribute__((vector_size(32)));
+  const V8i mask = {0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff};
+  return reinterpret_cast<V8f>(reinterpret_cast<V8i>(x) & mask);
+}
+
+// The all-pairs hinge sums of vtptq's ranking loss (src/quant/vtptq.py ranking_loss_all_pairs):
+// for every column (candidate ci, row r), with the row's quantized scores taken in the order of
+// decreasing FP score (`order`) and the FP scores so sorted (`a_sorted`),
+//   acc[ci, r] = Σ_{k=1}^{T-1} ( Σ_{p=0}^{T-k-1} h(p, k) )     (float64, each sum in this order)
+//   h = x + |x|,  x = θ - d,  d = q[p] - q[p + k]  (float32; d · 0 where a[p] == a[p + k], a tie)
+// which is what numpy's sums over the pair-difference slices give (its axis-0 sums run over the
+// slice's rows in order). q: (c, rows, T) float32; order: (rows, T) int64; a_sorted: (rows, T)
+// float32; acc: (c, rows) float64. Columns are taken 16 at a time (one vector lane each).
+extern "C" int RankHingeAllPairs(const float *q, const int64_t *order, const float *a_sorted, int64_t c,
+                                 int64_t rows, int64_t t, float theta, double *acc) {
+  constexpr int W = 32;
+  if (t < 1 || rows < 0 || c < 0) return 1;
+  std::vector<float> qt(t * W), at(t * W);
+  double out[W];
+  const V8f theta8 = {theta, theta, theta, theta, theta, theta, theta, theta};
+  const V8f one = {1, 1, 1, 1, 1, 1, 1, 1}, zero = {0, 0, 0, 0, 0, 0, 0, 0};
+  for (int64_t r0 = 0; r0 < rows; r0 += W) {
+    const int64_t wn = std::min<int64_t>(W, rows - r0);
+    bool tied = false;
+    for (int w = 0; w < W; ++w) {  // lanes past the last row repeat it (their sums are dropped)
+      const int64_t r = r0 + std::min<int64_t>(w, wn - 1);
+      const float *ar = a_sorted + r * t;
+      for (int64_t p = 0; p < t; ++p) at[p * W + w] = ar[p];
+      for (int64_t p = 1; p < t; ++p) tied = tied || ar[p] == ar[p - 1];
+    }
+    for (int64_t ci = 0; ci < c; ++ci) {
+      for (int w = 0; w < W; ++w) {
+        const int64_t r = r0 + std::min<int64_t>(w, wn - 1);
+        const float *qr = q + (ci * rows + r) * t;
+        const int64_t *o = order + r * t;
+        for (int64_t p = 0; p < t; ++p) qt[p * W + w] = qr[o[p]];
+      }
+      // W / 8 vectors of 8 lanes side by side (independent chains of additions), sums in registers
+      V8d total[W / 8] = {};
+      for (int64_t k = 1; k < t; ++k) {
+        V8d s[W / 8] = {};
+        for (int64_t p = 0; p + k < t; ++p) {
+          for (int v = 0; v < W / 8; ++v) {
+            V8f d = Load8(&qt[p * W + 8 * v]) - Load8(&qt[(p + k) * W + 8 * v]);
+            if (tied) d = d * (Load8(&at[p * W + 8 * v]) != Load8(&at[(p + k) * W + 8 * v]) ? one : zero);
+            d = theta8 - d;
+            d = d + Abs8(d);
+            s[v] += __builtin_convertvector(d, V8d);
+          }
+        }
+        for (int v = 0; v < W / 8; ++v) total[v] += s[v];
+      }
+      for (int v = 0; v < W / 8; ++v)
+        for (int w = 0; w < 8; ++w) out[8 * v + w] = total[v][w];
+      for (int64_t w = 0; w < wn; ++w) acc[ci * rows + r0 + w] = out[w];
+    }
+  }
+  return 0;
+}
+
+// The hinges of vtptq's ranking loss over sampled column pairs (src/quant/vtptq.py
+// _ranking_loss_pairs): d[ci, e] = max(θ - (q[ci, hi[e]] - q[ci, lo[e]]), 0) in float32, as
+// numpy's two gathers, two subtractions and maximum give it (a NaN stays NaN), in one pass.
+// q: (c, width) float32; hi, lo: (m,) int64 flat indices into a row of q; d: (c, m) float32.
+extern "C" int RankHingePairs(const float *q, int64_t c, int64_t width, const int64_t *hi, const int64_t *lo,
+                              int64_t m, float theta, float *d) {
+  if (c < 0 || m < 0) return 1;
+  for (int64_t e = 0; e < m; ++e)
+    if (hi[e] < 0 || hi[e] >= width || lo[e] < 0 || lo[e] >= width) return 2;
+  for (int64_t ci = 0; ci < c; ++ci) {
+    const float *qc = q + ci * width;
+    float *dc = d + ci * m;
+    for (int64_t e = 0; e < m; ++e) {
+      float v = qc[hi[e]] - qc[lo[e]];
+      v = theta - v;
+      dc[e] = v < 0.0f ? 0.0f : v;
+    }
+  }
+  return 0;
+}

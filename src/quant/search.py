@@ -12,6 +12,7 @@ import concurrent.futures
 import contextlib
 import functools
 import os
+import threading
 
 import numpy as np
 
@@ -388,6 +389,20 @@ def _target_moments(problem, objective):
     return t, t.sum(axis=1), t_norm2
 
 
+TRANSPOSE_COPY_MIN = 1024  # aᵀ·b with a's last axis at least this long: from a contiguous copy of aᵀ
+
+
+def _transposed_matmul(a, b, out=None):
+    """aᵀ·b over the last two axes. Where a's last axis is long (K x K results, K ≥ 1024, e.g.
+    DeiT-S mlp.fc2's Gram matrices), numpy's product of the transposed view runs at half the
+    speed of the product of a contiguous copy; the two give the same bits (the same BLAS
+    products, tests/test_search_threads.py)."""
+    at = np.swapaxes(a, -1, -2)
+    if a.shape[-1] >= TRANSPOSE_COPY_MIN:
+        at = np.ascontiguousarray(at)
+    return np.matmul(at, b, out=out)
+
+
 def _weight_search_moments(problem, candidates, a_hat, bits, signed, objective, parts, layer, target, t_norm2, bt):
     """Per-sample similarity (C, n) of each candidate weight interval, in chunks of 16 candidates,
     and the sample step of its mean (None: one chunk). The bias-free terms of a chunk come from
@@ -397,7 +412,7 @@ def _weight_search_moments(problem, candidates, a_hat, bits, signed, objective, 
     @functools.cache
     def input_sums():  # Σ_t x̂ (n, K), x̂ᵀx̂ (n, K·K), t'ᵀx̂ (n, O·K)
         x = a_hat.reshape(n, n_tok, k).astype(np.float64)
-        gram_x = np.matmul(np.swapaxes(x, 1, 2), x).reshape(n, -1)
+        gram_x = _transposed_matmul(x, x).reshape(n, -1)
         cross_x = np.matmul(np.swapaxes(target()[0], 1, 2), x).reshape(n, -1)
         return x.sum(axis=1), gram_x, cross_x
 
@@ -407,18 +422,24 @@ def _weight_search_moments(problem, candidates, a_hat, bits, signed, objective, 
     grams = None
     if layer is not None and len(candidates) * k * k * 8 <= GRAM_KEEP_BYTES:
         grams = layer.setdefault(("gram_w", candidates.tobytes(), bits, signed), {})
-    # reused for ŴᵀŴ when it is not kept: up to 16 x K² x 8 bytes
-    gram_buffer = functools.cache(lambda: np.empty((min(16, len(candidates)), k, k), np.float64))
+    buffers = threading.local()  # each thread's buffer for ŴᵀŴ when it is not kept: 16 x K² x 8 bytes
     per_sample = np.zeros((len(candidates), n), np.float64)
-    for c0 in range(0, len(candidates), 16):
+
+    def chunk(c0):  # rows c0 .. c0 + 16 of per_sample
+        check_interrupted()
         cs = candidates[c0:c0 + 16]
         w = fake_quant_np(problem.b[None], _expand_candidates(cs, problem.b.ndim), bits, signed).astype(np.float64)
         if c0 not in parts:
             _, gram_x, cross_x = input_sums()
             g = None if grams is None else grams.get(c0)
             if g is None:
-                out = gram_buffer()[:len(cs)] if grams is None else np.empty((len(cs), k, k), np.float64)
-                g = np.matmul(np.swapaxes(w, 1, 2), w, out=out)
+                if grams is None:
+                    if getattr(buffers, "gram", None) is None:
+                        buffers.gram = np.empty((min(16, len(candidates)), k, k), np.float64)
+                    out = buffers.gram[:len(cs)]
+                else:
+                    out = np.empty((len(cs), k, k), np.float64)
+                g = _transposed_matmul(w, w, out=out)
                 if grams is not None:
                     grams[c0] = g
             parts[c0] = w.reshape(len(cs), -1) @ cross_x.T, w.sum(axis=1) @ x_sum.T, g.reshape(len(cs), -1) @ gram_x.T
@@ -427,6 +448,11 @@ def _weight_search_moments(problem, candidates, a_hat, bits, signed, objective, 
         s_o = wsx + bt.const_o
         s_oo = gx + 2.0 * (np.einsum("cok,o->ck", w, bt.bias) @ x_sum.T) + bt.const_oo
         per_sample[c0:c0 + len(cs)] = _similarity_from_sums(objective, cross, s_o, s_oo, t_norm2, problem.out_elems)
+
+    starts = range(0, len(candidates), 16)
+    if any(c0 not in parts for c0 in starts):
+        input_sums()  # computed once (its products on every core), before the chunks share it
+    for_each_chunk(chunk, starts)
     parts["x_sum"] = x_sum
     return per_sample, None
 

@@ -59,6 +59,11 @@ def ranking_loss_all_pairs(scores_fp, scores_q, theta=0.2):
     q_rows = scores_q.reshape(c, n, rows, t)
     total = np.zeros((c, n), np.float64)  # twice the sum of the hinges
     step = max(1, PAIR_BLOCK_ELEMS // (c * t))  # rows per block
+    sums = _hinge_sums_kernel(q_rows, order, a_sorted, theta)
+    if sums is not None:  # the same per-column sums as the loop below computes (cpu_ops.cc)
+        for s, r in ((s, r) for s in range(n) for r in range(0, rows, step)):
+            total[:, s] += np.ascontiguousarray(sums[:, s, r:r + step]).sum(axis=1)
+        return (total / (rows * t * (t - 1))).reshape(lead + (n,))
     for s, r in ((s, r) for s in range(n) for r in range(0, rows, step)):
         a = np.ascontiguousarray(a_sorted[s, r:r + step].T)  # (T, rows of the block)
         tied = bool(np.any(a[1:] == a[:-1]))
@@ -77,6 +82,38 @@ def ranking_loss_all_pairs(scores_fp, scores_q, theta=0.2):
             acc += d.sum(axis=0, dtype=np.float64)
         total[:, s] += acc.reshape(c, -1).sum(axis=1)
     return (total / (rows * t * (t - 1))).reshape(lead + (n,))
+
+
+def _pair_hinge_kernel():
+    """The compiled RankHingePairs (cpu_ops.cc), or None where the kernels are off."""
+    import ctypes
+    from ..kernels import numpy_kernel
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    return numpy_kernel("RankHingePairs", (p, i64, i64, p, p, i64, ctypes.c_float, p))
+
+
+def _hinge_sums_kernel(q_rows, order, a_sorted, theta):
+    """(c, n, rows) float64: per candidate and row, Σ_k Σ_p of the loop of ranking_loss_all_pairs
+    (acc before it is summed over a block's rows), by the compiled kernel RankHingeAllPairs (one
+    pass, the pairs in registers; the same float32 hinges and float64 sums in the same order, so
+    the same bits); None where the kernels are off or the scores are not float32."""
+    import ctypes
+    from ..kernels import numpy_kernel
+    if q_rows.dtype != np.float32 or a_sorted.dtype != np.float32:
+        return None
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    fn = numpy_kernel("RankHingeAllPairs", (p, p, p, i64, i64, i64, ctypes.c_float, p))
+    if fn is None:
+        return None
+    c, n, rows, t = q_rows.shape
+    q = np.ascontiguousarray(q_rows)
+    order = np.ascontiguousarray(order, np.int64)
+    a_sorted = np.ascontiguousarray(a_sorted)
+    sums = np.empty((c, n, rows), np.float64)
+    if fn(q.ctypes.data, order.ctypes.data, a_sorted.ctypes.data, c, n * rows, t, float(np.float32(theta)),
+          sums.ctypes.data) != 0:
+        raise RuntimeError("RankHingeAllPairs: bad arguments")
+    return sums
 
 
 def ranking_loss_reference(scores_fp, scores_q, theta=0.2):
@@ -137,12 +174,21 @@ def _ranking_loss_pairs(scores_fp, scores_q, theta, pairs, index=None):
     total = np.zeros((c, n), np.float64)
     per_sample = rows * len(pairs[0])
     step = max(1, ROW_CHUNK_ELEMS // max(1, c * per_sample))  # samples per chunk
+    kernel = _pair_hinge_kernel() if q.dtype == np.float32 else None
     for s0 in range(0, n, step):
         sel = slice(s0 * per_sample, min(n, s0 + step) * per_sample)
-        d = np.take(q, hi[sel], axis=1)
-        d -= np.take(q, lo[sel], axis=1)
-        np.subtract(theta, d, out=d)
-        np.maximum(d, 0.0, out=d)
+        if kernel is not None:  # the same float32 hinges in one pass (cpu_ops.cc)
+            h, l = np.ascontiguousarray(hi[sel], np.int64), np.ascontiguousarray(lo[sel], np.int64)
+            q = np.ascontiguousarray(q)
+            d = np.empty((c, len(h)), np.float32)
+            if kernel(q.ctypes.data, c, q.shape[1], h.ctypes.data, l.ctypes.data, len(h), float(np.float32(theta)),
+                      d.ctypes.data) != 0:
+                raise RuntimeError("RankHingePairs: bad arguments")
+        else:
+            d = np.take(q, hi[sel], axis=1)
+            d -= np.take(q, lo[sel], axis=1)
+            np.subtract(theta, d, out=d)
+            np.maximum(d, 0.0, out=d)
         total[:, s0:s0 + step] = d.reshape(c, -1, per_sample).sum(axis=-1, dtype=np.float64)
     return (total / per_sample).reshape(lead + (n,))
 
