@@ -8,6 +8,10 @@ checks that they are bit for bit those of a saved run (e.g. of another checkout,
     python bench/calib_speed.py --stages 2 --ranking-pairs 256 --verbose
     python bench/calib_speed.py --stages 2 --ranking-pairs 256 --root /path/to/old/checkout --save old.npz
     python bench/calib_speed.py --stages 2 --ranking-pairs 256 --compare old.npz
+    python bench/calib_speed.py --stages 0 --ranking-pairs 256 --json deit_s_vtptq_w8a8.json   # a whole run
+
+`--json FILE` writes, per timed run: the settings, wall seconds, CPU seconds of the process
+(user + system, all threads) during the calibration, and the process's peak resident memory.
 """
 import argparse
 import io
@@ -32,6 +36,7 @@ def parse(argv=None):
                    help="calib_threads of the search, comma-separated to time each in turn in this process "
                         "(e.g. 1,0: one thread, then one per core; the ratio and the bit-identity of their "
                         "intervals are printed; default 0)")
+    p.add_argument("--json", metavar="FILE", help="write settings, wall and CPU seconds and peak memory of each run")
     p.add_argument("--verbose", action="store_true", help="per-layer calibration log")
     return p.parse_args(argv)
 
@@ -52,12 +57,14 @@ def main(argv=None):
     scales = runs[0][1]
     if len(runs) > 1:
         first = runs[0]
-        for (secs, other, t), t_label in zip(runs[1:], threads[1:]):
+        for (secs, other, t, _), t_label in zip(runs[1:], threads[1:]):
             same = scales.keys() == other.keys() and all(scales[k].tobytes() == other[k].tobytes() for k in scales)
             print(f"  calib_threads {threads[0]} / calib_threads {t_label} ({t} thread{'s' if t > 1 else ''}): "
                   f"{first[0]:.1f} s / "
                   f"{secs:.1f} s = {first[0] / secs:.2f}x; intervals and bias corrections "
                   + ("bit-identical" if same else "DIFFERENT") + f" ({len(scales)} arrays)")
+    if args.json:
+        write_json(args.json, {"runs": [r[3] for r in runs]})
     if args.save:
         np.savez(args.save, **scales)
     if args.compare:
@@ -85,9 +92,9 @@ def calibrate_once(args, cfg, images, root, threads):
     model = bench_quant.build_fp(args.model)
     quantize_model(model, cfg)
     log = sys.stdout if args.verbose else io.StringIO()
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     report = calibrate_model(model, images, cfg, log=log, stages=args.stages or None)
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     stage_names = [name for name, _, _ in model_stages(model)]
     blocks = [s for s in stage_names if s.startswith("blocks.")]
     def stage_of(layer):
@@ -118,7 +125,31 @@ def calibrate_once(args, cfg, images, root, threads):
             scales[f"{name}.{op}"] = np.asarray(cell.get_scale(op), np.float32)
         if cell.bias_corr is not None:
             scales[f"{name}.bias_corr"] = np.asarray(cell.bias_corr, np.float32)
-    return seconds, scales, used
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    record = {"model": args.model, "method": args.method, "w_bits": args.bits, "a_bits": args.bits,
+              "calib_images": len(images), "ranking_pairs": args.ranking_pairs,
+              "stages": args.stages or len(stage_names), "whole_model": not args.stages,
+              "calib_threads": threads, "search_threads": used, "wall_seconds": round(seconds, 1),
+              "cpu_seconds": round(cpu, 1), "peak_rss_gb": round(peak, 2), "cpus": os.cpu_count(),
+              "load_average_1min_at_end": round(os.getloadavg()[0], 2)}
+    print(f"  CPU time {cpu:.1f} s ({cpu / max(seconds, 1e-9):.2f} cores busy on average)")
+    return seconds, scales, used, record
+
+
+def write_json(path, data):
+    """`data` as JSON at `path`, written to a temporary name and renamed."""
+    import json
+    import tempfile
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".calib_speed.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        os.remove(tmp)
+        raise
 
 
 if __name__ == "__main__":

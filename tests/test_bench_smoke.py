@@ -79,8 +79,11 @@ def test_calib_speed(tmp_path, capsys):
     calib_speed = load("calib_speed")
     args = ["--model", "deit_fmnist", "--method", "minmax", "--stages", "1", "--calib-num", "4"]
     assert calib_speed.main(args + ["--save", save]) == 0
-    assert calib_speed.main(args + ["--compare", save]) == 0  # the same run twice: bit-identical
+    assert calib_speed.main(args + ["--compare", save, "--json", str(tmp_path / "t.json")]) == 0  # bit-identical
     assert "bit-identical" in capsys.readouterr().out
+    run = json.load(open(tmp_path / "t.json"))["runs"][0]
+    assert run["model"] == "deit_fmnist" and run["stages"] == 1 and run["wall_seconds"] > 0
+    assert run["cpu_seconds"] > 0 and run["peak_rss_gb"] > 0.1
 
 
 def test_calib_scaling(tmp_path, monkeypatch, capsys):
