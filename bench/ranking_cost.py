@@ -9,6 +9,11 @@ ranking_loss_reference (the pairs=None form of commit fdfbc73), in one process. 
 of one operand over 100 candidates and 32 images makes 3 x 32 = 96 such calls.
 
     python bench/ranking_cost.py                 # 256 sampled pairs vs all pairs
+    python bench/ranking_cost.py --skip-slow --kernels   # and the compiled hinge kernels vs numpy
+
+`--kernels` also times the sampled and all-pairs calls with the compiled hinge kernels
+(src/kernels, on by default where a C++ compiler is found) against numpy's passes
+(VTPTQ_CPU_KERNELS=0), in this process, and checks that their results are the same bits.
     python bench/ranking_cost.py --pairs 1024 --repeats 3
 """
 import argparse
@@ -41,6 +46,8 @@ def main(argv=None):
     p.add_argument("--tokens", type=int, default=197)
     p.add_argument("--repeats", type=int, default=2, help="timed calls of each; the fastest counts (default 2)")
     p.add_argument("--skip-slow", action="store_true", help="skip the sampled-pairs path given every pair (slow)")
+    p.add_argument("--kernels", action="store_true",
+                   help="time the compiled hinge kernels against numpy's passes (VTPTQ_CPU_KERNELS=0)")
     args = p.parse_args(argv)
     rng = np.random.default_rng(0)
     t, h, c = args.tokens, args.heads, args.candidates
@@ -67,6 +74,27 @@ def main(argv=None):
     print(f"  all pairs, ranking_loss_reference (fdfbc73's pairs=None form): {r:.3f} s per call "
           f"({r / a:.1f}x; ranking_loss(pairs=None) differs from it by at most {diff:.1e})")
     print(f"  all pairs / sampled: {a / s:.1f}x; per operand search (96 calls): {96 * s:.1f} s vs {96 * a:.1f} s")
+    if args.kernels:
+        compare_kernels(fp, q, sampled, args.repeats)
+
+
+def compare_kernels(fp, q, sampled, repeats):
+    """Each form timed with the compiled kernels and with numpy's passes; their results' bits compared."""
+    calls = {"sampled pairs": lambda: ranking_loss(fp, q, pairs=sampled), "all pairs": lambda: ranking_loss_all_pairs(fp, q)}
+    before = os.environ.get("VTPTQ_CPU_KERNELS")
+    try:
+        for label, fn in calls.items():
+            os.environ["VTPTQ_CPU_KERNELS"] = "1"
+            k_out, k_s = fn(), timed(fn, repeats)
+            os.environ["VTPTQ_CPU_KERNELS"] = "0"
+            n_out, n_s = fn(), timed(fn, repeats)
+            same = "same bits" if k_out.tobytes() == n_out.tobytes() else "DIFFERENT"
+            print(f"  {label}: numpy {n_s:.3f} s, compiled kernel {k_s:.3f} s per call ({n_s / k_s:.1f}x; {same})")
+    finally:
+        if before is None:
+            os.environ.pop("VTPTQ_CPU_KERNELS", None)
+        else:
+            os.environ["VTPTQ_CPU_KERNELS"] = before
 
 if __name__ == "__main__":
     main()

@@ -153,8 +153,10 @@ def test_profile_ops(capsys):
 
 def test_ranking_cost(capsys):
     load("ranking_cost").main(["--pairs", "4", "--candidates", "2", "--heads", "1", "--tokens", "8",
-                               "--repeats", "1"])
-    assert "all pairs / sampled" in capsys.readouterr().out
+                               "--repeats", "1", "--kernels"])
+    out = capsys.readouterr().out
+    assert "all pairs / sampled" in out
+    assert "DIFFERENT" not in out and ("same bits" in out or "compiled" not in out)
 
 
 def test_every_bench_script_is_covered():

@@ -1,5 +1,8 @@
 """Fused CPU kernels (cpu_ops.cc) for the elementwise hot spots of the forward pass: the
-activation fake quantizer and the exact GELU.
+activation fake quantizer and the exact GELU; and, for numpy arrays through ctypes
+(`numpy_kernel`), the hinges of vtptq's ranking loss in the interval search (all pairs and
+sampled pairs), which reproduce numpy's float32 operations and float64 sums bit for bit
+(tests/test_kernels.py); where the kernels are off, the search uses numpy (same values, slower).
 
 MindSpore's CPU backend runs `clamp(round(x / s), lo, hi) * s` as five single-threaded passes
 with a buffer each (round alone about 2 ns per element), and the exact GELU as five (erf about
