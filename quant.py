@@ -38,6 +38,7 @@ QUANT_KEYS = ["model", "ckpt", "data", "method", "w_bits", "a_bits", "calib_num"
               "ranking_gamma", "ranking_theta", "ranking_pairs", "bias_correction", "mixed_precision", "mp_target",
               "mp_min_bits", "mp_criterion", "mp_accept_z",
               "ln_reparam", "softmax_quantizer", "gelu_asymmetric", "weight_channel_search", "recon_iters", "attn_reparam",
+              "block_recon_iters",
               "skip_bad_images", "crop_pct",
               "interpolation", "num_classes", "drop_head", "seed"]
 EVAL_FIELDS = ("num_images", "skipped_images", "top1", "top5", "seconds", "images_per_second")

@@ -93,6 +93,9 @@ DEFAULTS = {
                            "each chosen per block on the calibration images; None: the method's default)"),
     "recon_iters": (None, "vtptq_plus: Adam steps of learned weight rounding per layer (AdaRound-style, layer-wise "
                           "MSE, gated by held-out calibration images; 0: off; None: 0, the default of both methods)"),
+    "block_recon_iters": (None, "vtptq_plus: Adam steps of block-wise reconstruction (BRECQ-style: the rounding of a "
+                                "block's four weights learned against its FP output, activations quantized; 0: off; "
+                                "None: the method's default)"),
     "fp_result": (None, "reuse this result.json of an FP eval (same model, checkpoint, data) instead of "
                         "evaluating the FP model again"),
 }
@@ -118,7 +121,8 @@ RANGES = {"batch_size": (1, 65536), "max_images": (1, None), "num_workers": (0, 
           "percentile": (0.0, 100.0), "search_alpha": (0.0, None), "search_beta": (0.0, None),
           "search_candidates": (1, 10000), "search_rounds": (1, 1000), "max_rounds": (1, 1000),
           "ranking_gamma": (0.0, None), "ranking_theta": (0.0, None), "ranking_pairs": (0, None), "crop_pct": (0.1, 2.0),
-          "mp_min_bits": (2, 16), "calib_threads": (0, 256), "mp_accept_z": (0.0, 100.0), "recon_iters": (0, 100000)}
+          "mp_min_bits": (2, 16), "calib_threads": (0, 256), "mp_accept_z": (0.0, 100.0), "recon_iters": (0, 100000),
+          "block_recon_iters": (0, 100000)}
 
 # Keys whose lower bound is excluded (a value must be above it).
 OPEN_LOW = {"percentile", "search_alpha"}
@@ -131,7 +135,7 @@ TYPES = {"ckpt": str, "split": str, "num_classes": int, "name": str, "crop_pct":
          "max_images": int, "save_predictions": str, "output": str, "fp_result": str,
          "mp_min_bits": int, "ln_reparam": bool, "softmax_quantizer": str, "gelu_asymmetric": bool,
          "weight_channel_search": bool, "recon_iters": int,
-         "attn_reparam": bool}
+         "attn_reparam": bool, "block_recon_iters": int}
 
 
 class ConfigError(ValueError):

@@ -409,6 +409,13 @@ class CalibrationProgress:
             self.log.write(f"  {text} [{seconds:.1f}s, {where}, {clock}]\n")
         self.log.flush()
 
+    def stage_extra(self, seconds):
+        """Count work done after the last layer of a finished block (e.g. block reconstruction)
+        in that block's time, so the ETA includes it."""
+        k = self.current
+        if self.block_seconds and k is not None and self.in_stage == self.sizes[k] > 1:
+            self.block_seconds[-1] += seconds
+
     def close(self):
         if self.log is not None and self.quiet and self._width:
             self.log.write("\n")
@@ -443,6 +450,11 @@ def calibrate_model(model, images, qcfg, log=sys.stderr, stages=None, quiet=Fals
             _set_quant(cells, names, False)
             x_fp_next = fp_out[0] if fp_out else run_stage(fn, x_fp, batch)[0]
             _set_quant(cells, names, True)
+            if hasattr(method, "after_stage"):  # e.g. vtptq_plus's block reconstruction (quantized input, FP output)
+                t0 = time.time()
+                for name, info in method.after_stage(fn, x_q, x_fp_next, None if quiet else log).items():
+                    report[name].update(info)
+                progress.stage_extra(time.time() - t0)
             x_q = x_fp_next if use_fp_input else run_stage(fn, x_q, batch)[0]
             x_fp = x_fp_next
     return report

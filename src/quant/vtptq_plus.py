@@ -28,6 +28,11 @@ the val split, docs/results.md "vtptq_plus defaults, decided on val"):
                          layer output from its quantized input) for this many Adam steps per
                          layer; 0 = off. Kept for a layer only if, learned on 3/4 of the
                          calibration images, it beats nearest rounding on the other 1/4.
+  block_recon_iters      block-wise reconstruction (BRECQ-style): after a transformer block is
+                         calibrated, the rounding of its four weights is learned together for
+                         this many Adam steps against the block's FP output, with every
+                         activation quantized (src/quant/block_recon.py); 0 = off. Kept for a
+                         block only if it lowers the block's output error.
 
 Every grid has at most 2^b levels at b bits (see quantizer.grid_levels).
 
@@ -45,6 +50,7 @@ import numpy as np
 
 from ..config import ConfigError
 from ..distributed import gather_samples, local_reductions, max_over_samples, sharding_calibration
+from .block_recon import reconstruct_block
 from .calibrate import operand_roles, register_method
 from .quantizer import (EPS, LOG_INV_STEP, fake_quant_asym_np, fake_quant_log_np, fake_quant_np, init_scale,
                         zero_point)
@@ -52,6 +58,7 @@ from .search import LayerProblem, _similarity_from_sums, candidate_grid, evaluat
 from .vtptq import VTPTQ
 
 RECON_ITERS = 0  # vtptq_plus's default of recon_iters: off (chosen on val: docs/results.md)
+BLOCK_RECON_ITERS = 0  # vtptq_plus's default of block_recon_iters (docs/results.md)
 # key -> (the only value vtptq accepts: off, vtptq_plus's default). vtptq_plus turns on every
 # switch but recon_iters; each default is the one the val split chose (docs/results.md).
 SWITCHES = {
@@ -61,6 +68,7 @@ SWITCHES = {
     "weight_channel_search": (False, True),
     "recon_iters": (0, RECON_ITERS),
     "attn_reparam": (False, True),  # on since the val decision (a tie within the noise, docs/results.md)
+    "block_recon_iters": (0, BLOCK_RECON_ITERS),
 }
 SOFTMAX_AUTO = ("uniform", "log2", "logsqrt2")
 REPARAM_ALPHAS = (0.0, 0.5, 1.0)
@@ -416,6 +424,16 @@ class VTPTQPlus(VTPTQ):
                 shift, ratio = reparam_factors(cap[norm], alpha, center)
                 fold_layernorm(norm, dense, shift, ratio)
             self._record_fold(dense, {"alpha": alpha, "center": center, "objective": objective})
+
+    # --- block reconstruction, after each block is calibrated (its quantized-path input, FP output)
+    def after_stage(self, fn, x_q, target, log=None):
+        from ..models.vit import Block
+        iters = self.qcfg.get("block_recon_iters") or 0
+        if not iters or not isinstance(fn, Block):
+            return {}
+        info = reconstruct_block(fn, x_q, target, iters, log)
+        dense = (fn.attn.qkv, fn.attn.proj, fn.mlp.fc1, fn.mlp.fc2)
+        return {c.layer_name: {"block_reconstruction": info} for c in dense if getattr(c, "layer_name", None)}
 
     def _record_fold(self, cell, info):
         """Keep a fold's choice for the calibration record of `cell` (by its layer name; a cell
