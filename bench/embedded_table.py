@@ -64,6 +64,7 @@ PLUS_VARIANTS = [
     ("plus_no_channel_search", {"method": "vtptq_plus", "weight_channel_search": False}),
     ("plus_with_recon", {"method": "vtptq_plus", "recon_iters": 500}),
     ("plus_with_attn_reparam", {"method": "vtptq_plus", "attn_reparam": True}),
+    ("plus_with_block_recon", {"method": "vtptq_plus", "block_recon_iters": 300}),
 ]
 VARIANTS = VARIANTS + PLUS_VARIANTS
 DEFAULT_VARIANTS = [v for v, _ in VARIANTS if not v.startswith(("plus_no_", "plus_softmax_uniform", "plus_with_"))]

@@ -107,7 +107,7 @@ def test_reconstruction_lowers_the_block_error_with_weights_on_their_grids():
             c.set_quant(weight=True, act=True)
         before = BlockModel(blk)
         err_nearest = float(np.square(before.forward(x, _weights(before))[0] - target).sum())
-        info = reconstruct_block(blk, x, target, iters=60)
+        info = reconstruct_block(blk, x, target, iters=60, holdout=0, qdrop=0)
         assert info["kept"] and 0 < info["mse_ratio"] < 1
         assert any(v > 0 for v in info["changed_from_nearest"].values())
         for name in DENSE:
@@ -137,6 +137,7 @@ def test_calibration_reports_block_reconstruction():
     model, report = _calibrated(block_recon_iters=20)
     info = report["blocks.0.mlp.fc2"]["block_reconstruction"]
     assert info["iters"] == 20 and info["mse_ratio"] > 0 and "seconds" in info
+    assert info["held_out_images"] == 8 and info["qdrop"] == 0.5  # the defaults: 1/4 of 32 images held out
     assert report["blocks.0.attn.qkv"]["block_reconstruction"] is info
     if info["kept"]:
         assert model.blocks[0].mlp.fc2.weight_q is not None
