@@ -29,6 +29,7 @@ and split of the gap to full precision (needs matplotlib; --plot-only redraws fr
 import argparse
 import json
 import os
+import re
 import sys
 
 os.environ.setdefault("GLOG_v", "3")
@@ -81,6 +82,17 @@ PLOT_BITS = range(2, 17)
 PAIR_W, PAIR_A = (2, 3, 4, 6, 8), (3, 4, 6, 8)
 PAIR_METHODS = ("minmax", "vtptq_all", "vtptq_plus")
 QUICK_PAIRS = ((4, 8), (8, 4), (4, 4), (3, 3), (2, 4))
+
+
+def parse_bit_pairs(text):
+    """'W2A4,W3A3' -> [(2, 4), (3, 3)]."""
+    pairs = []
+    for part in text.split(","):
+        m = re.fullmatch(r"[Ww](\d+)[Aa](\d+)", part.strip())
+        if not m or not all(2 <= int(b) <= 16 for b in m.groups()):
+            raise ValueError(f"--bit-pairs {text!r}: expected a comma-separated list like W2A4,W3A3 (2 to 16 bits)")
+        pairs.append((int(m.group(1)), int(m.group(2))))
+    return pairs
 
 
 def parse_seeds(text):
@@ -308,6 +320,8 @@ def main(argv=None):
                    help=f"the grid of weight bits {PAIR_W} x activation bits {PAIR_A} (no mixed precision)")
     p.add_argument("--quick", action="store_true",
                    help="with --pairs: only " + ", ".join(f"W{w}A{a}" for w, a in QUICK_PAIRS))
+    p.add_argument("--bit-pairs", help="weight and activation widths, comma-separated, e.g. W2A4,W3A3 (instead of "
+                   "--bits and --pairs; no mixed precision)")
     p.add_argument("--max-images", type=int, default=None, help="first N images of each split (default: all)")
     p.add_argument("--output", default=os.path.join("outputs", "embedded_table"))
     p.add_argument("--plot-only", action="store_true", help="only redraw the plots from OUTPUT")
@@ -337,7 +351,12 @@ def main(argv=None):
         p.error(f"unknown variants {sorted(unknown)}")
     variants = [(v, known[v]) for v in wanted]
     pairs = None
-    if args.pairs:
+    if args.bit_pairs:
+        try:
+            pairs = parse_bit_pairs(args.bit_pairs)
+        except ValueError as e:
+            p.error(str(e))
+    elif args.pairs:
         pairs = QUICK_PAIRS if args.quick else [(w, a) for w in PAIR_W for a in PAIR_A]
     elif not args.no_mp:
         by_key = {(v, over["mp_target"]): over for v, over in MP_VARIANTS}

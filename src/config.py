@@ -94,8 +94,8 @@ DEFAULTS = {
     "recon_iters": (None, "vtptq_plus: Adam steps of learned weight rounding per layer (AdaRound-style, layer-wise "
                           "MSE, gated by held-out calibration images; 0: off; None: 0, the default of both methods)"),
     "block_recon_iters": (None, "vtptq_plus: Adam steps of block-wise reconstruction (BRECQ-style: the rounding of a "
-                                "block's four weights learned against its FP output, activations quantized; 0: off; "
-                                "None: the method's default)"),
+                                "block's four weights learned against its FP output, activations quantized, gated "
+                                "by held-out calibration images; 0: off; None: 0, the default of both methods)"),
     "fp_result": (None, "reuse this result.json of an FP eval (same model, checkpoint, data) instead of "
                         "evaluating the FP model again"),
 }

@@ -31,7 +31,7 @@ from _helpers import randomize  # noqa: E402
 
 TINY = dict(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=32, depth=2, num_heads=2)
 # name -> (method, switches): vtptq_plus with its off-by-default switches on as well
-VARIANTS = {"vtptq_plus_all": ("vtptq_plus", dict(attn_reparam=True, recon_iters=10))}
+VARIANTS = {"vtptq_plus_all": ("vtptq_plus", dict(attn_reparam=True, recon_iters=10, block_recon_iters=10))}
 
 
 @register_method

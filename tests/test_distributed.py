@@ -271,7 +271,7 @@ def test_shardable_is_declared_per_class():
 
 def test_msrun_sharded_calibration_equals_single_process(tmp_path):
     """Each of 2 msrun workers calibrates a tiny ViT on its shard (4 and 5 of 9 images); every
-    method (vtptq_plus with its default switches, and with attn_reparam and recon_iters on), and
+    method (vtptq_plus with its default switches, and with attn_reparam, recon_iters and block_recon_iters on), and
     the mixed-precision searches (paper and refined), give the single-process results bit for bit."""
     methods = "minmax,percentile,easyquant,vtptq,vtptq_plus,vtptq_plus_all,minmax_unshardable"
     single("tests/_msrun_calib.py", [tmp_path / "one.npz", N_CALIB, methods, "--mp"])

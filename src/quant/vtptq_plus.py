@@ -31,8 +31,9 @@ the val split, docs/results.md "vtptq_plus defaults, decided on val"):
   block_recon_iters      block-wise reconstruction (BRECQ-style): after a transformer block is
                          calibrated, the rounding of its four weights is learned together for
                          this many Adam steps against the block's FP output, with every
-                         activation quantized (src/quant/block_recon.py); 0 = off. Kept for a
-                         block only if it lowers the block's output error.
+                         activation quantized and QDrop (src/quant/block_recon.py); 0 = off.
+                         Learned on 3/4 of the calibration images, kept for a block only if it
+                         lowers the block's output error on the other 1/4. Off by default.
 
 Every grid has at most 2^b levels at b bits (see quantizer.grid_levels).
 
@@ -42,7 +43,8 @@ channel minima and maxima (folds, log and asymmetric grids, max-based starts) th
 max_over_samples (a minimum as the maximum of the negation); objectives through
 search.sample_mean; the per-sample sums of the per-channel weight search through
 gather_samples; learned rounding gathers the layer's quantized input and target (the
-single-process arrays, so its held-out split and its Gram matrices are the same).
+single-process arrays, so its held-out split and its Gram matrices are the same), and block
+reconstruction the block's quantized-path input and FP output.
 """
 import time
 
@@ -58,7 +60,7 @@ from .search import LayerProblem, _similarity_from_sums, candidate_grid, evaluat
 from .vtptq import VTPTQ
 
 RECON_ITERS = 0  # vtptq_plus's default of recon_iters: off (chosen on val: docs/results.md)
-BLOCK_RECON_ITERS = 0  # vtptq_plus's default of block_recon_iters (docs/results.md)
+BLOCK_RECON_ITERS = 0  # vtptq_plus's default of block_recon_iters: off (chosen on val, docs/results.md)
 # key -> (the only value vtptq accepts: off, vtptq_plus's default). vtptq_plus turns on every
 # switch but recon_iters; each default is the one the val split chose (docs/results.md).
 SWITCHES = {
