@@ -7,6 +7,7 @@ all of them on; and, with --pairs, a grid of weight and activation widths.
     python bench/embedded_table.py [--calib-num 32] [--bits 8,6,4,3] [--output outputs/embedded_table]
     python bench/embedded_table.py --seeds 0-4 --splits val,test --variants vtptq_all,vtptq_plus --bits 4,3 --no-mp
     python bench/embedded_table.py --pairs [--quick] --seeds 0-4 --output outputs/pairs
+    python bench/embedded_table.py --bit-pairs W2A4,W4A3 --variants vtptq_plus,plus_with_block_recon --seeds 0-4
     python bench/embedded_table.py --plot-only [--output outputs/embedded_table]
 
 Protocol. Settings are chosen on the embedded val split (5,000 training images outside the
@@ -351,6 +352,8 @@ def main(argv=None):
         p.error(f"unknown variants {sorted(unknown)}")
     variants = [(v, known[v]) for v in wanted]
     pairs = None
+    if args.bit_pairs and args.pairs:
+        p.error("--bit-pairs and --pairs: give one of them")
     if args.bit_pairs:
         try:
             pairs = parse_bit_pairs(args.bit_pairs)

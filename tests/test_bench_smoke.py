@@ -130,6 +130,23 @@ def test_embedded_table_resume(tmp_path, monkeypatch):
         table.main([*common[:-4], "--splits", "val", "--output", str(out), "--seeds", "0-1", "--resume"])
 
 
+def test_embedded_table_bit_pairs(tmp_path, monkeypatch):
+    """--bit-pairs runs exactly the named widths; a malformed list or one given with --pairs
+    stops before any calibration."""
+    table = load("embedded_table")
+    assert table.parse_bit_pairs("W2A4,w4a3") == [(2, 4), (4, 3)]
+    seen = []
+    monkeypatch.setattr(table, "run_table", lambda out, variants, bits, seeds, splits, over, pairs=None, resume=False:
+                        seen.append((pairs, [v for v, _ in variants])))
+    monkeypatch.setattr(table, "plot", lambda out: None)
+    table.main(["--bit-pairs", "W2A4,W4A3", "--variants", "vtptq_plus,plus_with_block_recon", "--output", str(tmp_path)])
+    assert seen == [([(2, 4), (4, 3)], ["vtptq_plus", "plus_with_block_recon"])]
+    for bad in (["--bit-pairs", "W1A4"], ["--bit-pairs", "W4"], ["--bit-pairs", "W2A4", "--pairs"]):
+        with pytest.raises(SystemExit):
+            table.main(bad + ["--output", str(tmp_path)])
+    assert len(seen) == 1
+
+
 def test_eval_memory(tmp_path, capsys):
     images = tmp_path / "jpegs"
     images.mkdir()

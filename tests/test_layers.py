@@ -21,7 +21,7 @@ LAYERS = [
     ("quantizer", ["src.quant.quantizer", "src.quant.packing"]),  # fake quantization, bit packing
     ("quantized cells", ["src.quant.layers"]),
     ("conversion", ["src.quant.convert"]),  # FP model -> quantized model, checkpoints
-    ("search", ["src.quant.search"]),  # candidate scoring shared by the methods
+    ("search", ["src.quant.search", "src.quant.block_recon"]),  # candidate scoring, block reconstruction
     ("calibration", ["src.quant.calibrate"]),  # the Method interface, registry and stage loop
     ("methods", ["src.quant.vtptq", "src.quant.vtptq_plus"]),  # registered calibration methods
     ("bit allocation", ["src.quant.mixed_precision", "src.quant.mp_refined"]),
