@@ -9,7 +9,6 @@ import pytest
 from test_vtptq import restore_mode, tiny_images, tiny_vit  # noqa: F401 (autouse fixture)
 
 import mindspore as ms
-from mindspore import Tensor
 
 from src.config import ConfigError, defaults
 from src.quant import calibrate_model, quantize_model

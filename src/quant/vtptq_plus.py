@@ -62,7 +62,7 @@ from .vtptq import VTPTQ
 RECON_ITERS = 0  # vtptq_plus's default of recon_iters: off (chosen on val: docs/results.md)
 BLOCK_RECON_ITERS = 0  # vtptq_plus's default of block_recon_iters: off (chosen on val, docs/results.md)
 # key -> (the only value vtptq accepts: off, vtptq_plus's default). vtptq_plus turns on every
-# switch but recon_iters; each default is the one the val split chose (docs/results.md).
+# switch but recon_iters and block_recon_iters; each default is the one the val split chose (docs/results.md).
 SWITCHES = {
     "ln_reparam": (False, True),
     "softmax_quantizer": ("uniform", "auto"),
