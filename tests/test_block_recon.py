@@ -12,7 +12,7 @@ import mindspore as ms
 
 from src.config import ConfigError, defaults
 from src.quant import calibrate_model, quantize_model
-from src.quant.block_recon import DENSE, BlockModel, SoftWeight, reconstruct_block
+from src.quant.block_recon import DENSE, BlockModel, reconstruct_block, soft_weight
 from src.quant.calibrate import run_stage
 from src.quant.vtptq_plus import resolve_switches
 
@@ -51,7 +51,7 @@ def calibrated():
 
 
 def _weights(model_np):
-    return dict(model_np.fixed, **{k: SoftWeight(model_np.cells[k]).nearest_weight() for k in model_np.learned})
+    return dict(model_np.fixed, **{k: soft_weight(model_np.cells[k]).nearest_weight() for k in model_np.learned})
 
 
 def test_numpy_block_is_the_mindspore_block(calibrated):

@@ -91,38 +91,65 @@ def _ste(grad, mask):
     return grad if mask is None else grad * mask
 
 
-class SoftWeight:
-    """The learned rounding of one dense layer's weight at its (fixed) interval(s)."""
+class SoftRounding:
+    """AdaRound's learned rounding of a weight W (O, K) at fixed interval(s) `scale` ((O, 1) or
+    (1,)): each weight between two grid points chooses floor or ceil through h(V) =
+    clip(σ(V)·(ζ - γ) + γ, 0, 1), V trained with Adam; weights outside the grid stay clipped.
+    Shared by the layer-wise `learn_rounding` (vtptq_plus) and block reconstruction here."""
 
-    def __init__(self, cell):
-        w = cell._fp_weight if cell._fp_weight is not None else cell.weight.asnumpy()
+    def __init__(self, w, scale, qmin, qmax):
         w = np.asarray(w, np.float32)
-        q = cell.w_q
-        self.scale = np.broadcast_to(cell.get_scale("w").reshape(-1, 1), (w.shape[0], 1)).astype(np.float32)
+        self.scale = np.broadcast_to(np.asarray(scale, np.float32).reshape(-1, 1), (w.shape[0], 1))
         ratio = w / self.scale
         self.floor = np.floor(ratio)
-        self.movable = (self.floor >= q.qmin) & (self.floor + 1 <= q.qmax)
-        self.fixed = np.clip(np.round(ratio), q.qmin, q.qmax)
-        self.nearest = np.where(self.movable, np.round(ratio), self.fixed).astype(np.float32)
+        self.movable = (self.floor >= qmin) & (self.floor + 1 <= qmax)
+        self.fixed = np.clip(np.round(ratio), qmin, qmax)
+        self.nearest = np.where(self.movable, np.round(ratio), self.fixed).astype(np.float32)  # codes
         rest = np.clip(ratio - self.floor, 0.01, 0.99)
         self.v = (-np.log((ZETA - GAMMA) / (rest - GAMMA) - 1)).astype(np.float32)  # h(v) = rest
         self.m = np.zeros_like(self.v)
         self.s = np.zeros_like(self.v)
 
     def soft(self):
-        """(W̃ float32, h, σ(V), the rectified sigmoid before its clip)"""
-        sig = 1.0 / (1.0 + np.exp(-self.v))
-        raw = sig * np.float32(ZETA - GAMMA) + np.float32(GAMMA)
-        h = np.clip(raw, 0, 1)
-        return (np.where(self.movable, self.floor + h, self.fixed) * self.scale).astype(np.float32), h, sig, raw
+        """W̃ = (floor + h) x interval of the current V (float32); keeps h for `step`."""
+        self._sig = 1.0 / (1.0 + np.exp(-self.v))
+        self._raw = self._sig * (ZETA - GAMMA) + GAMMA
+        self._h = np.clip(self._raw, 0, 1)
+        return (np.where(self.movable, self.floor + self._h, self.fixed) * self.scale).astype(np.float32)
+
+    def step(self, grad_w, it, iters, n_reg):
+        """One Adam step of V (iteration `it` of `iters`) from dLoss/dW̃ at the last `soft()`,
+        plus the regularizer λ/n_reg · Σ(1 - |2h - 1|^β) after the warm-up, β annealed 20 -> 2."""
+        grad_h = grad_w * self.scale
+        warm = int(iters * WARMUP)
+        if it >= warm:
+            beta = 20 + (2 - 20) * (it - warm) / max(1, iters - warm)
+            d = 2 * self._h - 1
+            grad_h = grad_h + (LAMBDA / n_reg) * (-beta * np.abs(d) ** (beta - 1) * np.sign(d) * 2)
+        sig, raw = self._sig, self._raw
+        grad_v = np.where(self.movable & (raw > 0) & (raw < 1), grad_h * (ZETA - GAMMA) * sig * (1 - sig), 0)
+        b1, b2, eps = 0.9, 0.999, 1e-8
+        self.m = b1 * self.m + (1 - b1) * grad_v
+        self.s = b2 * self.s + (1 - b2) * grad_v * grad_v
+        update = LR * (self.m / (1 - b1 ** (it + 1))) / (np.sqrt(self.s / (1 - b2 ** (it + 1))) + eps)
+        self.v = (self.v - update).astype(np.float32)
+
+    def hard_codes(self):
+        """The codes of the rounding learned so far (h >= 1/2 rounds up), float32."""
+        h = np.clip(1.0 / (1.0 + np.exp(-self.v)) * (ZETA - GAMMA) + GAMMA, 0, 1)
+        return np.where(self.movable, self.floor + (h >= 0.5), self.fixed).astype(np.float32)
 
     def hard(self):
-        """codes x interval of the rounding learned so far (h >= 1/2 rounds up)."""
-        h = np.clip(1.0 / (1.0 + np.exp(-self.v)) * (ZETA - GAMMA) + GAMMA, 0, 1)
-        return (np.where(self.movable, self.floor + (h >= 0.5), self.fixed) * self.scale).astype(np.float32)
+        return (self.hard_codes() * self.scale).astype(np.float32)
 
     def nearest_weight(self):
         return (self.nearest * self.scale).astype(np.float32)
+
+
+def soft_weight(cell):
+    """The SoftRounding of a quantized dense cell's FP weight at its intervals."""
+    w = cell._fp_weight if cell._fp_weight is not None else cell.weight.asnumpy()
+    return SoftRounding(w, cell.get_scale("w"), cell.w_q.qmin, cell.w_q.qmax)
 
 
 def _layernorm(x, gamma, beta, eps):
@@ -240,35 +267,20 @@ def reconstruct_block(block, x_q, target, iters, log=None, holdout=HOLDOUT, qdro
         n_all = len(x_q)
         n_fit = n_all - int(round(n_all * holdout)) if n_all > 1 else n_all
         x_fit, t_fit = x_q[:n_fit], target[:n_fit]
-        soft = {k: SoftWeight(model.cells[k]) for k in model.learned}
+        soft = {k: soft_weight(model.cells[k]) for k in model.learned}
         nearest = dict(model.fixed, **{k: sw.nearest_weight() for k, sw in soft.items()})
         out0, _ = model.forward(x_fit, nearest)
         err0 = max(float(np.square(out0 - t_fit, dtype=np.float64).sum()), 1e-30)
         n_movable = float(sum(sw.movable.sum() for sw in soft.values())) or 1.0
-        warm = int(iters * WARMUP)
-        b1, b2, eps = 0.9, 0.999, 1e-8
         rng = np.random.default_rng(0)
         for q in quants:
             q.drop, q.rng = qdrop, rng
         for it in range(iters):
-            parts = {k: sw.soft() for k, sw in soft.items()}
-            w = dict(model.fixed, **{k: part[0] for k, part in parts.items()})
+            w = dict(model.fixed, **{k: sw.soft() for k, sw in soft.items()})
             out, cache = model.forward(x_fit, w, grads=True)
-            dout = (out - t_fit) * np.float32(2.0 / err0)
-            grads = model.backward(dout, w, cache)
-            beta = 20 + (2 - 20) * (it - warm) / max(1, iters - warm) if it >= warm else None
+            grads = model.backward((out - t_fit) * np.float32(2.0 / err0), w, cache)
             for k, sw in soft.items():
-                _, hh, sig, raw = parts[k]
-                grad_h = grads[k] * sw.scale
-                if beta is not None:
-                    dd = 2 * hh - 1
-                    grad_h = grad_h + (LAMBDA / n_movable) * (-beta * np.abs(dd) ** (beta - 1) * np.sign(dd) * 2)
-                grad_v = np.where(sw.movable & (raw > 0) & (raw < 1),
-                                  grad_h * np.float32(ZETA - GAMMA) * sig * (1 - sig), 0).astype(np.float32)
-                sw.m = b1 * sw.m + (1 - b1) * grad_v
-                sw.s = b2 * sw.s + (1 - b2) * grad_v * grad_v
-                step = LR * (sw.m / (1 - b1 ** (it + 1))) / (np.sqrt(sw.s / (1 - b2 ** (it + 1))) + eps)
-                sw.v = (sw.v - step).astype(np.float32)
+                sw.step(grads[k], it, iters, n_movable)
         for q in quants:
             q.drop, q.rng = 0.0, None
         learned = {k: sw.hard() for k, sw in soft.items()}

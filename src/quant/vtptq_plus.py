@@ -52,7 +52,7 @@ import numpy as np
 
 from ..config import ConfigError
 from ..distributed import gather_samples, local_reductions, max_over_samples, sharding_calibration
-from .block_recon import reconstruct_block
+from .block_recon import SoftRounding, reconstruct_block
 from .calibrate import operand_roles, register_method
 from .quantizer import (EPS, LOG_INV_STEP, fake_quant_asym_np, fake_quant_log_np, fake_quant_np, init_scale,
                         zero_point)
@@ -323,67 +323,36 @@ def _gather_axis1(a):
 
 
 # ----------------------------------------------------------------------------- learned weight rounding
-ZETA, GAMMA = 1.1, -0.1  # rectified sigmoid h(V) = clip(σ(V)·(ζ - γ) + γ, 0, 1) (AdaRound's)
-RECON_LAMBDA = 0.01  # weight of the rounding regularizer (mean over weights) against the normalized MSE
-RECON_LR = 0.01
-RECON_WARMUP = 0.2  # fraction of the iterations without the regularizer; then β anneals 20 -> 2
-
-
 def learn_rounding(x_hat, w, scale, bias, target, bits, iters, seed=0):
     """Layer-wise learned rounding of the weight (AdaRound-style, MSE of the layer's output).
 
     x_hat: quantized input (..., K); w: FP weight (O, K); scale: its interval(s) (O, 1) or (1,);
     bias: (O,) or None; target: FP output (..., O). Each weight between two grid points chooses
-    floor or ceil through h(V) (a rectified sigmoid), optimized with Adam for `iters` steps on
+    floor or ceil through h(V) (a rectified sigmoid, block_recon.SoftRounding), optimized with
+    Adam for `iters` steps on
         ‖X̂ W̃ᵀ + b - Y‖² / ‖X̂ W_nᵀ + b - Y‖²  +  λ · mean(1 - |2h - 1|^β)
     (W_n: nearest rounding; the products come from the Gram matrices X̂ᵀX̂ and X̂ᵀ(Y - b), so an
     iteration costs one (O, K) x (K, K) product). Weights outside the grid stay clipped.
     Returns (W̃ = codes x interval (O, K) float32, mse of W̃, mse of nearest rounding)."""
-    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     k = w.shape[1]
     x = x_hat.reshape(-1, k).astype(np.float64)
     y = target.reshape(-1, w.shape[0]).astype(np.float64) - (0.0 if bias is None else bias)
     gram = (x.T @ x).astype(np.float32)  # (K, K)
     cross = (x.T @ y).T.astype(np.float32)  # (O, K)
     yy = float((y * y).sum())
-    scale = np.broadcast_to(np.asarray(scale, np.float32).reshape(-1, 1), (w.shape[0], 1))
-    ratio = w / scale
-    floor = np.floor(ratio)
-    movable = (floor >= qmin) & (floor + 1 <= qmax)
-    fixed = np.clip(np.round(ratio), qmin, qmax)
+    rounding = SoftRounding(w, scale, -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
 
     def mse(codes):
-        wt = codes * scale
+        wt = codes * rounding.scale
         return float(np.einsum("ok,ok->", wt @ gram, wt) - 2 * np.einsum("ok,ok->", wt, cross) + yy)
 
-    nearest = np.where(movable, np.round(ratio), fixed).astype(np.float32)
-    mse0 = max(mse(nearest), 1e-30)
-    rest = np.clip(ratio - floor, 0.01, 0.99)
-    v = (-np.log((ZETA - GAMMA) / (rest - GAMMA) - 1)).astype(np.float32)  # h(v) = rest
-    m_adam, v_adam = np.zeros_like(v), np.zeros_like(v)
-    b1, b2, eps = 0.9, 0.999, 1e-8
-    n_w = float(movable.sum()) or 1.0
-    warm = int(iters * RECON_WARMUP)
+    mse0 = max(mse(rounding.nearest), 1e-30)
+    n_w = float(rounding.movable.sum()) or 1.0
     for it in range(iters):
-        sig = 1.0 / (1.0 + np.exp(-v))
-        raw = sig * (ZETA - GAMMA) + GAMMA
-        h = np.clip(raw, 0, 1)
-        codes = np.where(movable, floor + h, fixed)
-        wt = codes * scale
-        grad_w = (2.0 / mse0) * (wt @ gram - cross)  # d(normalized MSE)/dW̃
-        grad_h = grad_w * scale
-        if it >= warm:
-            beta = 20 + (2 - 20) * (it - warm) / max(1, iters - warm)
-            d = 2 * h - 1
-            grad_h = grad_h + (RECON_LAMBDA / n_w) * (-beta * np.abs(d) ** (beta - 1) * np.sign(d) * 2)
-        grad_v = np.where(movable & (raw > 0) & (raw < 1), grad_h * (ZETA - GAMMA) * sig * (1 - sig), 0)
-        m_adam = b1 * m_adam + (1 - b1) * grad_v
-        v_adam = b2 * v_adam + (1 - b2) * grad_v * grad_v
-        step = RECON_LR * (m_adam / (1 - b1 ** (it + 1))) / (np.sqrt(v_adam / (1 - b2 ** (it + 1))) + eps)
-        v = (v - step).astype(np.float32)
-    h = np.clip(1.0 / (1.0 + np.exp(-v)) * (ZETA - GAMMA) + GAMMA, 0, 1)
-    codes = np.where(movable, floor + (h >= 0.5), fixed).astype(np.float32)
-    return (codes * scale).astype(np.float32), mse(codes), mse0
+        wt = rounding.soft()
+        rounding.step((2.0 / mse0) * (wt @ gram - cross), it, iters, n_w)  # d(normalized MSE)/dW̃
+    codes = rounding.hard_codes()
+    return rounding.hard(), mse(codes), mse0
 
 
 # ----------------------------------------------------------------------------- the method
