@@ -14,6 +14,7 @@ import time
 os.environ.setdefault("GLOG_v", "3")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import src  # noqa: E402,F401  (before numpy: its OpenBLAS settings, src/__init__.py)
 import numpy as np  # noqa: E402
 import mindspore as ms  # noqa: E402
 

@@ -46,6 +46,7 @@ def main(argv=None):
     root = os.path.abspath(args.root or os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     sys.path[:0] = [root, os.path.join(root, "bench")]
     os.environ.setdefault("GLOG_v", "3")
+    import src  # noqa: F401  (the checkout's package first: its settings made before numpy loads)
     import numpy as np
     import bench_quant
 

@@ -238,3 +238,39 @@ def test_rank_hinge_pairs_kernel_bit_identical(c, n, h, t, num, chunk, monkeypat
     ref = vtptq.ranking_loss(fp, q, 0.2, pairs=pairs)
     assert got.shape == ref.shape == (c, n)
     assert got.tobytes() == ref.tobytes()
+
+
+@pytest.mark.parametrize("x_shape,s_shape", [
+    ((1, 3, 40, 96), (7, 1, 1, 1)),     # the search's input candidates: one interval per candidate
+    ((40, 96), ()),                     # one interval
+    ((1, 40, 96), (5, 40, 1)),          # per-channel weight candidates, (out, in) layout
+    ((96, 40), (5, 1, 40)),             # per-channel weight candidates, transposed (b_right) layout
+    ((2, 40, 96), (3, 2, 1, 1)),        # two candidate axes
+    ((40, 96), (40, 96)),               # a scale per element
+    ((1, 2, 40, 97), (3, 1, 1, 1)),     # a length that does not fill the 8 lanes
+    ((1, 2, 40, 96), (3, 1, 40, 1)),    # a scale per row of every sample
+    ((2, 40, 96), (2, 1, 96)),          # scales over two axes apart (numpy's path)
+    ((40, 1), (3, 1, 96)),              # x broadcast along its own last axis (numpy's path)
+])
+@pytest.mark.parametrize("bits_,signed", [(8, True), (4, True), (4, False), (2, True), (16, False)])
+def test_fake_quant_candidates_kernel_bit_identical(x_shape, s_shape, bits_, signed, monkeypatch):
+    """The interval search's fake quantizer (quantizer.fake_quant_np) through the compiled kernel
+    (FakeQuantCandidates) and through numpy's passes: the same bits for every broadcast of the
+    candidates' intervals, ties of round(), NaN, infinities, signed zeros and denormals."""
+    from src.quant import quantizer
+    monkeypatch.setattr(quantizer, "KERNEL_MIN_ELEMS", 1)
+    rng = np.random.default_rng(len(x_shape) * 100 + bits_)
+    step = 0.05
+    x = hostile_values(rng, int(np.prod(x_shape)), step).reshape(x_shape)
+    scale = (step * (0.5 + rng.random(s_shape))).astype(np.float32)
+    if scale.ndim:
+        scale.flat[0] = step  # exact ties at half a step
+    layout = quantizer._fake_quant_layout(x.shape, np.shape(scale))
+    ran = layout is not None and quantizer._fq_kernel() is not None
+    assert ran == (s_shape not in ((2, 1, 96), (3, 1, 96)))
+    got = quantizer.fake_quant_np(x, scale, bits_, signed)
+    monkeypatch.setenv("VTPTQ_CPU_KERNELS", "0")
+    assert quantizer._fq_kernel() is None
+    ref = quantizer.fake_quant_np(x, scale, bits_, signed)
+    assert got.shape == ref.shape and got.dtype == ref.dtype == np.float32
+    assert got.tobytes() == ref.tobytes()

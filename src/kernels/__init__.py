@@ -74,7 +74,8 @@ def _cpu_signature():
     return f"{platform.machine()} {flags}"
 
 
-SYMBOLS = ("FakeQuant", "Gelu", "Permute0213", "SplitHeads", "RankHingeAllPairs", "RankHingePairs")
+SYMBOLS = ("FakeQuant", "Gelu", "Permute0213", "SplitHeads", "RankHingeAllPairs", "RankHingePairs",
+           "FakeQuantCandidates")
 HASH_SUFFIX = ".sha256"  # beside the library: "<sha256 of its bytes>  <library file name>"
 
 

@@ -19,6 +19,9 @@
 #include <vector>
 #if defined(__x86_64__) || defined(__i386__)
 #include <xmmintrin.h>
+#ifdef __AVX__
+#include <immintrin.h>
+#endif
 #define VTPTQ_X86 1
 #endif
 
@@ -267,4 +270,61 @@ extern "C" int RankHingePairs(const float *q, int64_t c, int64_t width, const in
     }
   }
   return 0;
+}
+
+// The uniform fake quantizer of the interval search (src/quant/quantizer.py fake_quant_np):
+//   y[ci, i] = min(max(rint(x[i] / s), lo), hi) * s,   s = scale[ci * period + (i / inner) % period]
+// in float32, as numpy's divide, rint (half to even), clip and multiply compute it (a NaN stays
+// NaN, -0 stays -0). x: (n,) float32; scale: (c, period) float32; y: (c, n) float32. `period`
+// and `inner` give the scale's broadcast over x: 1 and any for one scale per candidate; the
+// number of channels and the elements per channel for a per-channel scale.
+inline float FakeQuantOne(float x, float s, float lo, float hi) {
+  float v = std::nearbyint(x / s);
+  if (!std::isnan(v)) {
+    v = v > lo ? v : lo;
+    v = v < hi ? v : hi;
+  }
+  return v * s;
+}
+
+#ifdef __AVX__
+// 8 lanes of FakeQuantOne: the same division and rounding (to nearest even, no exceptions);
+// max/min return their second operand for a NaN, so a NaN lane is put back after the clip
+inline __m256 FakeQuant8(__m256 x, __m256 s, __m256 lo, __m256 hi) {
+  const __m256 v = _mm256_round_ps(_mm256_div_ps(x, s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 clipped = _mm256_min_ps(_mm256_max_ps(v, lo), hi);
+  return _mm256_mul_ps(_mm256_blendv_ps(clipped, v, _mm256_cmp_ps(v, v, _CMP_UNORD_Q)), s);
+}
+#endif
+
+extern "C" int FakeQuantCandidates(const float *x, int64_t n, const float *scale, int64_t c, int64_t period,
+                                   int64_t inner, float lo, float hi, float *y) {
+  if (n < 0 || c < 0 || period < 1 || inner < 1) return 1;
+#ifndef __AVX__
+  return 3;  // one element at a time it is slower than numpy's passes: the caller uses numpy
+#else
+  const __m256 lo8 = _mm256_set1_ps(lo), hi8 = _mm256_set1_ps(hi);
+  for (int64_t ci = 0; ci < c; ++ci) {
+    const float *sc = scale + ci * period;
+    float *yc = y + ci * n;
+    if (inner == 1 && period > 1) {  // a scale per element of each run of `period` (e.g. per column)
+      for (int64_t i0 = 0; i0 < n; i0 += period) {
+        const int64_t len = std::min(period, n - i0);
+        int64_t j = 0;
+        for (; j + 8 <= len; j += 8)
+          _mm256_storeu_ps(yc + i0 + j, FakeQuant8(_mm256_loadu_ps(x + i0 + j), _mm256_loadu_ps(sc + j), lo8, hi8));
+        for (; j < len; ++j) yc[i0 + j] = FakeQuantOne(x[i0 + j], sc[j], lo, hi);
+      }
+      continue;
+    }
+    for (int64_t b = 0, i = 0; i < n; ++b) {  // runs of `inner` elements share one scale
+      const float s = sc[b % period];
+      const int64_t end = std::min(n, i + inner);
+      const __m256 s8 = _mm256_set1_ps(s);
+      for (; i + 8 <= end; i += 8) _mm256_storeu_ps(yc + i, FakeQuant8(_mm256_loadu_ps(x + i), s8, lo8, hi8));
+      for (; i < end; ++i) yc[i] = FakeQuantOne(x[i], s, lo, hi);
+    }
+  }
+  return 0;
+#endif
 }

@@ -63,15 +63,90 @@ def quantize_np(x, scale, bits, signed=True):
     return np.clip(np.round(np.asarray(x, np.float32) / scale), qmin, qmax).astype(np.int32)
 
 
+KERNEL_MIN_ELEMS = 1 << 14  # fake_quant_np's outputs from this size on take the compiled kernel
+
+
 def fake_quant_np(x, scale, bits, signed=True):
-    """x̂ = clip(round(x / Δ), qmin, qmax) · Δ in float32 (numpy reference)."""
+    """x̂ = clip(round(x / Δ), qmin, qmax) · Δ in float32 (numpy reference). Large outputs whose
+    scale broadcasts as the interval search's candidates do (_fake_quant_kernel) are computed in
+    one pass by a compiled kernel, bit for bit as these numpy operations."""
     qmin, qmax = qrange(bits, signed)
     scale = np.asarray(scale, np.float32)
-    out = np.divide(np.asarray(x, np.float32), scale, dtype=np.float32)
+    x = np.asarray(x, np.float32)
+    out = _fake_quant_kernel(x, scale, qmin, qmax)
+    if out is not None:
+        return out
+    out = np.divide(x, scale, dtype=np.float32)
     np.round(out, out=out)
     np.clip(out, qmin, qmax, out=out)
     out *= scale
     return out
+
+
+def _fake_quant_layout(x_shape, s_shape):
+    """How a scale broadcasts over x in fake_quant_np, as the kernel FakeQuantCandidates takes it:
+    (output shape, lead, period, inner) where the output is `lead` candidate axes (x of size 1
+    there) followed by x's own axes, over which the scale takes `period` values, each for a run of
+    `inner` consecutive elements (one scale: period 1). None for any other broadcast."""
+    try:
+        out = np.broadcast_shapes(x_shape, s_shape)
+    except ValueError:
+        return None
+    nd = len(out)
+    xs = (1,) * (nd - len(x_shape)) + tuple(x_shape)
+    ss = (1,) * (nd - len(s_shape)) + tuple(s_shape)
+    lead = nd
+    while lead > 0 and xs[lead - 1] == out[lead - 1]:
+        lead -= 1
+    if any(xs[j] != 1 for j in range(lead)):
+        return None
+    varying = [j for j in range(lead, nd) if ss[j] != 1]
+    if not varying:  # one scale per candidate: a single run over all of x
+        return out, lead, 1, max(1, int(np.prod(out[lead:], dtype=np.int64)))
+    a, b = varying[0], varying[-1] + 1
+    if any(ss[j] != out[j] for j in range(a, b)):
+        return None
+    return out, lead, int(np.prod(out[a:b], dtype=np.int64)), int(np.prod(out[b:], dtype=np.int64))
+
+
+def _fake_quant_kernel(x, scale, qmin, qmax):
+    """fake_quant_np of float32 x and scale by the compiled FakeQuantCandidates (cpu_ops.cc), or
+    None (a small output, another broadcast, or the kernels off)."""
+    if x.size < KERNEL_MIN_ELEMS:
+        return None
+    layout = _fake_quant_layout(x.shape, scale.shape)
+    if layout is None:
+        return None
+    out_shape, lead, period, inner = layout
+    fn = _fq_kernel()
+    if fn is None:
+        return None
+    c = int(np.prod(out_shape[:lead], dtype=np.int64))
+    ss = (1,) * (len(out_shape) - scale.ndim) + scale.shape
+    scales = np.ascontiguousarray(np.broadcast_to(scale.reshape(ss), tuple(out_shape[:lead]) + ss[lead:]))
+    xc = np.ascontiguousarray(x)
+    out = np.empty(out_shape, np.float32)
+    status = fn(xc.ctypes.data, xc.size, scales.ctypes.data, c, period, inner, float(qmin), float(qmax),
+                out.ctypes.data)
+    if status == 3:  # built without AVX: numpy's passes are faster
+        _NO_VECTOR_KERNEL[0] = True
+        return None
+    if status != 0:
+        raise RuntimeError("FakeQuantCandidates: bad arguments")
+    return out
+
+
+_NO_VECTOR_KERNEL = [False]
+
+
+def _fq_kernel():
+    """The compiled FakeQuantCandidates, or None (kernels off, or not vectorized on this CPU)."""
+    if _NO_VECTOR_KERNEL[0]:
+        return None
+    import ctypes
+    from ..kernels import numpy_kernel
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    return numpy_kernel("FakeQuantCandidates", (p, i64, p, i64, i64, i64, ctypes.c_float, ctypes.c_float, p))
 
 
 def fake_quant(x, scale, qmin, qmax):
