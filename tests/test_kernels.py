@@ -269,8 +269,13 @@ def test_fake_quant_candidates_kernel_bit_identical(x_shape, s_shape, bits_, sig
     ran = layout is not None and quantizer._fq_kernel() is not None
     assert ran == (s_shape not in ((2, 1, 96), (3, 1, 96)))
     got = quantizer.fake_quant_np(x, scale, bits_, signed)
+    got64 = np.full(got.shape, 7.0)  # into a float64 buffer: the float32 results converted
+    assert quantizer.fake_quant_np(x, scale, bits_, signed, out=got64) is got64
     monkeypatch.setenv("VTPTQ_CPU_KERNELS", "0")
     assert quantizer._fq_kernel() is None
     ref = quantizer.fake_quant_np(x, scale, bits_, signed)
     assert got.shape == ref.shape and got.dtype == ref.dtype == np.float32
     assert got.tobytes() == ref.tobytes()
+    assert got64.tobytes() == ref.astype(np.float64).tobytes()
+    ref64 = np.full(got.shape, 7.0)
+    assert quantizer.fake_quant_np(x, scale, bits_, signed, out=ref64).tobytes() == got64.tobytes()

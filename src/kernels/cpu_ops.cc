@@ -275,7 +275,8 @@ extern "C" int RankHingePairs(const float *q, int64_t c, int64_t width, const in
 // The uniform fake quantizer of the interval search (src/quant/quantizer.py fake_quant_np):
 //   y[ci, i] = min(max(rint(x[i] / s), lo), hi) * s,   s = scale[ci * period + (i / inner) % period]
 // in float32, as numpy's divide, rint (half to even), clip and multiply compute it (a NaN stays
-// NaN, -0 stays -0). x: (n,) float32; scale: (c, period) float32; y: (c, n) float32. `period`
+// NaN, -0 stays -0). x: (n,) float32; scale: (c, period) float32; out: (c, n) float32, or the
+// same values converted to float64 (numpy's astype) where to_double is set. `period`
 // and `inner` give the scale's broadcast over x: 1 and any for one scale per candidate; the
 // number of channels and the elements per channel for a per-channel scale.
 inline float FakeQuantOne(float x, float s, float lo, float hi) {
@@ -298,22 +299,36 @@ inline __m256 FakeQuant8(__m256 x, __m256 s, __m256 lo, __m256 hi) {
 #endif
 
 extern "C" int FakeQuantCandidates(const float *x, int64_t n, const float *scale, int64_t c, int64_t period,
-                                   int64_t inner, float lo, float hi, float *y) {
+                                   int64_t inner, float lo, float hi, void *out, int to_double) {
   if (n < 0 || c < 0 || period < 1 || inner < 1) return 1;
 #ifndef __AVX__
   return 3;  // one element at a time it is slower than numpy's passes: the caller uses numpy
 #else
   const __m256 lo8 = _mm256_set1_ps(lo), hi8 = _mm256_set1_ps(hi);
+  float *y = static_cast<float *>(out);
+  double *y64 = static_cast<double *>(out);
+  // stores 8 results at element i of row ci, as float32 or converted to float64 (exact)
+  auto store8 = [&](int64_t k, __m256 v) {
+    if (to_double) {
+      _mm256_storeu_pd(y64 + k, _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
+      _mm256_storeu_pd(y64 + k + 4, _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
+    } else {
+      _mm256_storeu_ps(y + k, v);
+    }
+  };
+  auto store1 = [&](int64_t k, float v) {
+    if (to_double) y64[k] = v; else y[k] = v;
+  };
   for (int64_t ci = 0; ci < c; ++ci) {
     const float *sc = scale + ci * period;
-    float *yc = y + ci * n;
+    const int64_t yc = ci * n;
     if (inner == 1 && period > 1) {  // a scale per element of each run of `period` (e.g. per column)
       for (int64_t i0 = 0; i0 < n; i0 += period) {
         const int64_t len = std::min(period, n - i0);
         int64_t j = 0;
         for (; j + 8 <= len; j += 8)
-          _mm256_storeu_ps(yc + i0 + j, FakeQuant8(_mm256_loadu_ps(x + i0 + j), _mm256_loadu_ps(sc + j), lo8, hi8));
-        for (; j < len; ++j) yc[i0 + j] = FakeQuantOne(x[i0 + j], sc[j], lo, hi);
+          store8(yc + i0 + j, FakeQuant8(_mm256_loadu_ps(x + i0 + j), _mm256_loadu_ps(sc + j), lo8, hi8));
+        for (; j < len; ++j) store1(yc + i0 + j, FakeQuantOne(x[i0 + j], sc[j], lo, hi));
       }
       continue;
     }
@@ -321,8 +336,8 @@ extern "C" int FakeQuantCandidates(const float *x, int64_t n, const float *scale
       const float s = sc[b % period];
       const int64_t end = std::min(n, i + inner);
       const __m256 s8 = _mm256_set1_ps(s);
-      for (; i + 8 <= end; i += 8) _mm256_storeu_ps(yc + i, FakeQuant8(_mm256_loadu_ps(x + i), s8, lo8, hi8));
-      for (; i < end; ++i) yc[i] = FakeQuantOne(x[i], s, lo, hi);
+      for (; i + 8 <= end; i += 8) store8(yc + i, FakeQuant8(_mm256_loadu_ps(x + i), s8, lo8, hi8));
+      for (; i < end; ++i) store1(yc + i, FakeQuantOne(x[i], s, lo, hi));
     }
   }
   return 0;

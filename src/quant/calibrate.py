@@ -19,7 +19,7 @@ from ..distributed import calibration_offset, gather_samples, max_over_samples
 from ..utils import check_interrupted
 from .convert import quant_cells
 from .quantizer import fake_quant_np, init_scale, percentile_scale
-from .search import LayerProblem, candidate_grid, evaluate_pair, keep_heap_memory, score_candidates, search_threads
+from .search import LayerProblem, candidate_grid, evaluate_pair, kept_heap_memory, score_candidates, search_threads
 
 
 # ----------------------------------------------------------------------------- stages
@@ -429,7 +429,6 @@ def calibrate_model(model, images, qcfg, log=sys.stderr, stages=None, quiet=Fals
     stream of the progress lines (None: silent); quiet: one updating line instead of a line per
     layer (CalibrationProgress)."""
     method = get_method(qcfg)
-    keep_heap_memory()
     batch = qcfg["calib_batch_size"]
     use_fp_input = qcfg.get("calib_input", "quantized") == "fp"
     report = {}
@@ -439,7 +438,7 @@ def calibrate_model(model, images, qcfg, log=sys.stderr, stages=None, quiet=Fals
     todo = model_stages(model)[:stages]
     progress = CalibrationProgress(todo, log, quiet, start)
     with calibration_session(model) as cells, contextlib.closing(progress), \
-            search_threads(qcfg.get("calib_threads", 0)):
+            search_threads(qcfg.get("calib_threads", 0)), kept_heap_memory():
         for _, fn, names in todo:
             if hasattr(method, "before_stage"):  # e.g. vtptq_plus folds LayerNorm scales into the stage
                 method.before_stage(fn, x_fp, batch)

@@ -66,20 +66,25 @@ def quantize_np(x, scale, bits, signed=True):
 KERNEL_MIN_ELEMS = 1 << 14  # fake_quant_np's outputs from this size on take the compiled kernel
 
 
-def fake_quant_np(x, scale, bits, signed=True):
+def fake_quant_np(x, scale, bits, signed=True, out=None):
     """x̂ = clip(round(x / Δ), qmin, qmax) · Δ in float32 (numpy reference). Large outputs whose
     scale broadcasts as the interval search's candidates do (_fake_quant_kernel) are computed in
-    one pass by a compiled kernel, bit for bit as these numpy operations."""
+    one pass by a compiled kernel, bit for bit as these numpy operations. out: None, or a
+    C-contiguous float32 or float64 array of the result's shape to write into (float64: the
+    float32 result converted, as .astype(np.float64) gives it); returns the result."""
     qmin, qmax = qrange(bits, signed)
     scale = np.asarray(scale, np.float32)
     x = np.asarray(x, np.float32)
-    out = _fake_quant_kernel(x, scale, qmin, qmax)
-    if out is not None:
-        return out
-    out = np.divide(x, scale, dtype=np.float32)
-    np.round(out, out=out)
-    np.clip(out, qmin, qmax, out=out)
-    out *= scale
+    done = _fake_quant_kernel(x, scale, qmin, qmax, out)
+    if done is not None:
+        return done
+    y = np.divide(x, scale, dtype=np.float32)
+    np.round(y, out=y)
+    np.clip(y, qmin, qmax, out=y)
+    y *= scale
+    if out is None:
+        return y
+    np.copyto(out, y)
     return out
 
 
@@ -109,15 +114,19 @@ def _fake_quant_layout(x_shape, s_shape):
     return out, lead, int(np.prod(out[a:b], dtype=np.int64)), int(np.prod(out[b:], dtype=np.int64))
 
 
-def _fake_quant_kernel(x, scale, qmin, qmax):
-    """fake_quant_np of float32 x and scale by the compiled FakeQuantCandidates (cpu_ops.cc), or
-    None (a small output, another broadcast, or the kernels off)."""
+def _fake_quant_kernel(x, scale, qmin, qmax, out=None):
+    """fake_quant_np of float32 x and scale by the compiled FakeQuantCandidates (cpu_ops.cc), into
+    `out` when given, or None (a small output, another broadcast, or the kernels off)."""
     if x.size < KERNEL_MIN_ELEMS:
         return None
     layout = _fake_quant_layout(x.shape, scale.shape)
     if layout is None:
         return None
     out_shape, lead, period, inner = layout
+    if out is not None and (out.shape != tuple(out_shape) or out.dtype not in (np.float32, np.float64)
+                            or not out.flags.c_contiguous):
+        raise ValueError(f"fake_quant_np: out is {out.dtype} {out.shape}; expected a C-contiguous float32 or "
+                         f"float64 array of shape {tuple(out_shape)}")
     fn = _fq_kernel()
     if fn is None:
         return None
@@ -125,15 +134,15 @@ def _fake_quant_kernel(x, scale, qmin, qmax):
     ss = (1,) * (len(out_shape) - scale.ndim) + scale.shape
     scales = np.ascontiguousarray(np.broadcast_to(scale.reshape(ss), tuple(out_shape[:lead]) + ss[lead:]))
     xc = np.ascontiguousarray(x)
-    out = np.empty(out_shape, np.float32)
+    y = np.empty(out_shape, np.float32) if out is None else out
     status = fn(xc.ctypes.data, xc.size, scales.ctypes.data, c, period, inner, float(qmin), float(qmax),
-                out.ctypes.data)
+                y.ctypes.data, int(y.dtype == np.float64))
     if status == 3:  # built without AVX: numpy's passes are faster
         _NO_VECTOR_KERNEL[0] = True
         return None
     if status != 0:
         raise RuntimeError("FakeQuantCandidates: bad arguments")
-    return out
+    return y
 
 
 _NO_VECTOR_KERNEL = [False]
@@ -146,7 +155,8 @@ def _fq_kernel():
     import ctypes
     from ..kernels import numpy_kernel
     p, i64 = ctypes.c_void_p, ctypes.c_int64
-    return numpy_kernel("FakeQuantCandidates", (p, i64, p, i64, i64, i64, ctypes.c_float, ctypes.c_float, p))
+    return numpy_kernel("FakeQuantCandidates",
+                        (p, i64, p, i64, i64, i64, ctypes.c_float, ctypes.c_float, p, ctypes.c_int))
 
 
 def fake_quant(x, scale, qmin, qmax):

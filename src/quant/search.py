@@ -12,6 +12,7 @@ import concurrent.futures
 import contextlib
 import functools
 import os
+import queue
 import threading
 
 import numpy as np
@@ -22,7 +23,7 @@ from .quantizer import fake_quant_np
 
 EPS = 1e-12
 CHUNK_ELEMS = 1 << 22  # float32 elements of candidate outputs held at once (16 MB): below glibc's
-# largest mmap threshold (32 MB), so that with keep_heap_memory() the temporaries of the search
+# largest mmap threshold (32 MB), so that with kept_heap_memory() the temporaries of the search
 # reuse heap memory instead of being mapped, page-faulted and unmapped chunk after chunk
 
 
@@ -120,23 +121,72 @@ def for_each_chunk(fn, starts):
             raise
 
 
-def keep_heap_memory():
-    """Ask glibc's allocator to serve blocks up to 32 MB from the heap and to keep freed heap
-    memory (up to 1 GB) for reuse. The search allocates and frees temporaries of a few MB to
-    tens of MB thousands of times; with the default dynamic thresholds a third of DeiT-S
-    calibration time went to page faults (system time). No-op where glibc is not the allocator."""
+class WorkBuffers:
+    """Work buffers of one for_each_chunk loop, a set per thread that runs its chunks, allocated
+    up front by the calling thread and lent to each chunk for its duration (`with w.lend() as
+    buf`). The pool's threads are new for every loop, and glibc serves their large blocks with
+    fresh mappings: allocated there, every chunk's buffer of tens of MB is page-faulted and
+    zeroed by the kernel again (about 15 % of a DeiT-S calibration's time before this). Blocks
+    the calling thread allocates come from its heap, which kept_heap_memory keeps for reuse.
+    make(): one set (e.g. a dict of arrays)."""
+
+    def __init__(self, make, num_chunks):
+        self._free = queue.SimpleQueue()
+        for _ in range(max(1, min(_THREADS[0], num_chunks))):
+            self._free.put(make())
+
+    @contextlib.contextmanager
+    def lend(self):
+        buf = self._free.get()
+        try:
+            yield buf
+        finally:
+            self._free.put(buf)
+
+
+def flat_view(buf, shape):
+    """A C-contiguous view of the first prod(shape) elements of the 1-d array buf."""
+    return buf[:int(np.prod(shape, dtype=np.int64))].reshape(shape)
+
+
+HEAP_TRIM_BYTES = 1 << 40  # during calibration: free heap memory is not given back (see kept_heap_memory)
+
+
+def _libc():
     import ctypes
     import ctypes.util
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
-    ok = mallopt(m_mmap_threshold, 32 << 20) == 1
-    ok &= mallopt(m_trim_threshold, 1 << 30) == 1
-    ok &= mallopt(m_top_pad, 64 << 20) == 1
-    return bool(ok)
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+@contextlib.contextmanager
+def kept_heap_memory():
+    """For the duration: glibc's allocator serves the main thread's blocks from the heap whatever
+    their size (no mmap) and keeps freed heap memory for reuse; after it, the free memory is given
+    back (malloc_trim). The search allocates and frees temporaries of a few MB to GB thousands of
+    times (per round, the Gram matrices of a layer's inputs and candidate weights); each fresh
+    mapping is page-faulted and zeroed by the kernel (with the default dynamic thresholds a third
+    of DeiT-S calibration time went to it; with blocks above 32 MB still mapped and 1 GB kept, a
+    tenth). The pool's threads get their large work buffers from the calling thread
+    (WorkBuffers). Yields whether the settings took (False where glibc is not the allocator)."""
+    libc = _libc()
+    if libc is None:
+        yield False
+        return
+    m_trim_threshold, m_top_pad, m_mmap_threshold, m_mmap_max = -1, -2, -3, -4
+    ok = libc.mallopt(m_mmap_threshold, 32 << 20) == 1
+    ok &= libc.mallopt(m_mmap_max, 0) == 1  # threads' arenas still map their large blocks
+    ok &= libc.mallopt(m_trim_threshold, HEAP_TRIM_BYTES) == 1
+    ok &= libc.mallopt(m_top_pad, 64 << 20) == 1
+    try:
+        yield bool(ok)
+    finally:
+        libc.mallopt(m_trim_threshold, 1 << 30)
+        libc.mallopt(m_mmap_max, 1 << 16)  # glibc's default
+        libc.malloc_trim(0)
 
 
 def cosine(target, out):
@@ -422,35 +472,40 @@ def _weight_search_moments(problem, candidates, a_hat, bits, signed, objective, 
     grams = None
     if layer is not None and len(candidates) * k * k * 8 <= GRAM_KEEP_BYTES:
         grams = layer.setdefault(("gram_w", candidates.tobytes(), bits, signed), {})
-    buffers = threading.local()  # each thread's buffer for ŴᵀŴ when it is not kept: 16 x K² x 8 bytes
     per_sample = np.zeros((len(candidates), n), np.float64)
+    starts = range(0, len(candidates), 16)
+    todo = [c0 for c0 in starts if c0 not in parts]
+    width = min(16, len(candidates))
+    # per thread: Ŵ in float64, and ŴᵀŴ when it is not kept (16 x K² x 8 bytes); the kept ŴᵀŴ
+    # still to compute get their blocks here too (all from the calling thread, see WorkBuffers)
+    work = WorkBuffers(lambda: dict(w=np.empty((width,) + problem.b.shape, np.float64),
+                                    gram=None if grams is not None or not todo else np.empty((width, k, k))),
+                       len(starts))
+    new_grams = {} if grams is None else {c0: np.empty((min(16, len(candidates) - c0), k, k))
+                                          for c0 in todo if c0 not in grams}
 
     def chunk(c0):  # rows c0 .. c0 + 16 of per_sample
         check_interrupted()
         cs = candidates[c0:c0 + 16]
-        w = fake_quant_np(problem.b[None], _expand_candidates(cs, problem.b.ndim), bits, signed).astype(np.float64)
-        if c0 not in parts:
-            _, gram_x, cross_x = input_sums()
-            g = None if grams is None else grams.get(c0)
-            if g is None:
-                if grams is None:
-                    if getattr(buffers, "gram", None) is None:
-                        buffers.gram = np.empty((min(16, len(candidates)), k, k), np.float64)
-                    out = buffers.gram[:len(cs)]
-                else:
-                    out = np.empty((len(cs), k, k), np.float64)
-                g = _transposed_matmul(w, w, out=out)
-                if grams is not None:
-                    grams[c0] = g
-            parts[c0] = w.reshape(len(cs), -1) @ cross_x.T, w.sum(axis=1) @ x_sum.T, g.reshape(len(cs), -1) @ gram_x.T
-        wx, wsx, gx = parts[c0]
-        cross = wx + bt.t_bias                        # (c, n)
-        s_o = wsx + bt.const_o
-        s_oo = gx + 2.0 * (np.einsum("cok,o->ck", w, bt.bias) @ x_sum.T) + bt.const_oo
+        with work.lend() as buf:
+            w = fake_quant_np(problem.b[None], _expand_candidates(cs, problem.b.ndim), bits, signed,
+                              out=buf["w"][:len(cs)])
+            if c0 not in parts:
+                _, gram_x, cross_x = input_sums()
+                g = None if grams is None else grams.get(c0)
+                if g is None:
+                    g = _transposed_matmul(w, w, out=buf["gram"][:len(cs)] if grams is None else new_grams[c0])
+                    if grams is not None:
+                        grams[c0] = g
+                parts[c0] = (w.reshape(len(cs), -1) @ cross_x.T, w.sum(axis=1) @ x_sum.T,
+                             g.reshape(len(cs), -1) @ gram_x.T)
+            wx, wsx, gx = parts[c0]
+            cross = wx + bt.t_bias                        # (c, n)
+            s_o = wsx + bt.const_o
+            s_oo = gx + 2.0 * (np.einsum("cok,o->ck", w, bt.bias) @ x_sum.T) + bt.const_oo
         per_sample[c0:c0 + len(cs)] = _similarity_from_sums(objective, cross, s_o, s_oo, t_norm2, problem.out_elems)
 
-    starts = range(0, len(candidates), 16)
-    if any(c0 not in parts for c0 in starts):
+    if todo:
         input_sums()  # computed once (its products on every core), before the chunks share it
     for_each_chunk(chunk, starts)
     parts["x_sum"] = x_sum
@@ -473,8 +528,10 @@ def _input_search_moments(problem, candidates, b_hat_right, bits, signed, object
         gram_w = (w64.T @ w64).astype(np.float32) if widen else None
         return (target()[0] @ w64).astype(np.float32), w64.sum(axis=0), gram_w
 
-    def quantized_inputs(cs, sl):
-        return fake_quant_np(a[sl].reshape(-1, n_tok, k)[None], _expand_candidates(cs, 3), bits, signed)
+    def quantized_inputs(cs, sl, buf=None):
+        x = a[sl].reshape(-1, n_tok, k)[None]
+        return fake_quant_np(x, _expand_candidates(cs, 3), bits, signed,
+                             out=None if buf is None else flat_view(buf, (len(cs),) + x.shape[1:]))
 
     w_bias = w64.T @ bt.bias
     sample_elems = n_tok * max(k, w.shape[0])
@@ -487,15 +544,26 @@ def _input_search_moments(problem, candidates, b_hat_right, bits, signed, object
     if layer is not None and len(candidates) * n * k * 8 <= X_SUM_KEEP_BYTES:
         x_sums = layer.setdefault(("x_sum", candidates.tobytes(), bits, signed, CHUNK_ELEMS), {})
 
+    starts = range(0, len(candidates), cand_chunk)
+    todo = any((c0, i) not in parts for c0 in starts for i in range(0, n, step_n))
+    # per thread: the chunk's fake-quantized inputs (float32), from the calling thread (WorkBuffers)
+    quantizes = todo or x_sums is None
+    work = WorkBuffers(lambda: np.empty(min(cand_chunk, len(candidates)) * min(step_n, n) * n_tok * k
+                                        if quantizes else 0, np.float32), len(starts))
+
     def chunk(c0):  # rows c0 .. c0 + cand_chunk of per_sample
         check_interrupted()
         cs = candidates[c0:c0 + cand_chunk]
+        with work.lend() as buf:
+            chunk_rows(c0, cs, buf)
+
+    def chunk_rows(c0, cs, buf):
         for i in range(0, n, step_n):
             sl = slice(i, min(n, i + step_n))
             x_sum = None if x_sums is None else x_sums.get((c0, i))
             if (c0, i) not in parts:
                 tw, w_sum, gram_w = weight_sums()
-                xc = quantized_inputs(cs, sl)
+                xc = quantized_inputs(cs, sl, buf)
                 if x_sum is None:
                     x_sum = xc.sum(axis=2, dtype=np.float64)                    # (c, n, K)
                 if widen:
@@ -507,7 +575,7 @@ def _input_search_moments(problem, candidates, b_hat_right, bits, signed, object
                 if x_sums is not None:
                     x_sums[c0, i] = x_sum
             elif x_sum is None:
-                x_sum = quantized_inputs(cs, sl).sum(axis=2, dtype=np.float64)
+                x_sum = quantized_inputs(cs, sl, buf).sum(axis=2, dtype=np.float64)
             cross0, s_o0, s_oo0 = parts[c0, i]
             cross = cross0 + bt.t_bias[sl]
             s_o = s_o0 + bt.const_o
@@ -515,8 +583,7 @@ def _input_search_moments(problem, candidates, b_hat_right, bits, signed, object
             per_sample[c0:c0 + len(cs), sl] = _similarity_from_sums(objective, cross, s_o, s_oo, t_norm2[sl],
                                                                     problem.out_elems)
 
-    starts = range(0, len(candidates), cand_chunk)
-    if any((c0, i) not in parts for c0 in starts for i in range(0, n, step_n)):
+    if todo:
         weight_sums()  # computed once, before the chunks share it
     for_each_chunk(chunk, starts)
     return per_sample, step_n
