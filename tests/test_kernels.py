@@ -279,3 +279,32 @@ def test_fake_quant_candidates_kernel_bit_identical(x_shape, s_shape, bits_, sig
     assert got64.tobytes() == ref.astype(np.float64).tobytes()
     ref64 = np.full(got.shape, 7.0)
     assert quantizer.fake_quant_np(x, scale, bits_, signed, out=ref64).tobytes() == got64.tobytes()
+
+
+@pytest.mark.parametrize("x_shape,c", [((1, 3, 40, 96), 7), ((2, 17, 128), 5), ((1, 1, 197, 20), 3), ((1, 4, 9, 8), 2)])
+@pytest.mark.parametrize("bits_,signed", [(8, True), (4, False), (3, True)])
+def test_fake_quant_row_sums_kernel_bit_identical(x_shape, c, bits_, signed, monkeypatch):
+    """The input search's fake quantizer with its sums over tokens (quantizer.fake_quant_row_sums_np)
+    through the compiled kernel (FakeQuantRowSums) and through numpy (fake_quant_np, then
+    .sum(axis=-2, dtype=np.float64)): the same bits, NaN, infinities and signed zeros included,
+    widths that do and do not fill the 8 lanes."""
+    from src.quant import quantizer
+    monkeypatch.setattr(quantizer, "KERNEL_MIN_ELEMS", 1)
+    rng = np.random.default_rng(c)
+    step = 0.05
+    x = hostile_values(rng, int(np.prod(x_shape)), step).reshape(x_shape)
+    x[..., 1, :3] = -0.0  # a column of negative zeros in some samples
+    x[..., :, 5] = -0.0
+    scale = (step * (0.5 + rng.random(c))).astype(np.float32).reshape((c,) + (1,) * len(x_shape))
+    assert quantizer._row_sums_kernel() is not None
+    got, got_sums = quantizer.fake_quant_row_sums_np(x, scale, bits_, signed)
+    buf = np.empty(got.shape, np.float32)
+    got2, _ = quantizer.fake_quant_row_sums_np(x, scale, bits_, signed, out=buf)
+    assert got2 is buf
+    monkeypatch.setenv("VTPTQ_CPU_KERNELS", "0")
+    assert quantizer._row_sums_kernel() is None
+    ref = quantizer.fake_quant_np(x, scale, bits_, signed)
+    ref_sums = ref.sum(axis=-2, dtype=np.float64)
+    assert got.shape == ref.shape and got_sums.shape == ref_sums.shape
+    assert got.tobytes() == ref.tobytes() == buf.tobytes()
+    assert got_sums.tobytes() == ref_sums.tobytes()

@@ -75,7 +75,7 @@ def _cpu_signature():
 
 
 SYMBOLS = ("FakeQuant", "Gelu", "Permute0213", "SplitHeads", "RankHingeAllPairs", "RankHingePairs",
-           "FakeQuantCandidates")
+           "FakeQuantCandidates", "FakeQuantRowSums")
 HASH_SUFFIX = ".sha256"  # beside the library: "<sha256 of its bytes>  <library file name>"
 
 

@@ -343,3 +343,49 @@ extern "C" int FakeQuantCandidates(const float *x, int64_t n, const float *scale
   return 0;
 #endif
 }
+
+// FakeQuantCandidates for one scale per candidate, with the results' sums over the rows of each
+// block: x: (blocks, rows, width) float32; scale: (c,) float32; y: (c, blocks, rows, width) float32;
+// sums: (c, blocks, width) float64 with sums[ci, b, w] = ((0 + y[ci, b, 0, w]) + y[ci, b, 1, w]) + ...
+// (each term converted to float64, added in row order), which is what
+// numpy's y.sum(axis=-2, dtype=np.float64) gives for these shapes (its reduction runs over the
+// rows with the width as the inner loop; tests/test_kernels.py).
+extern "C" int FakeQuantRowSums(const float *x, int64_t blocks, int64_t rows, int64_t width, const float *scale,
+                                int64_t c, float lo, float hi, float *y, double *sums) {
+  if (blocks < 0 || rows < 1 || width < 1 || c < 0) return 1;
+#ifndef __AVX__
+  return 3;  // the caller uses numpy
+#else
+  const __m256 lo8 = _mm256_set1_ps(lo), hi8 = _mm256_set1_ps(hi);
+  const int64_t block = rows * width;
+  for (int64_t ci = 0; ci < c; ++ci) {
+    const float s = scale[ci];
+    const __m256 s8 = _mm256_set1_ps(s);
+    for (int64_t b = 0; b < blocks; ++b) {
+      const float *xb = x + b * block;
+      float *yb = y + (ci * blocks + b) * block;
+      double *acc = sums + (ci * blocks + b) * width;
+      std::fill(acc, acc + width, 0.0);  // numpy starts from +0 (a column of -0 sums to +0)
+      for (int64_t r = 0; r < rows; ++r) {
+        const float *xr = xb + r * width;
+        float *yr = yb + r * width;
+        int64_t w = 0;
+        for (; w + 8 <= width; w += 8) {
+          const __m256 v = FakeQuant8(_mm256_loadu_ps(xr + w), s8, lo8, hi8);
+          _mm256_storeu_ps(yr + w, v);
+          const __m256d v0 = _mm256_cvtps_pd(_mm256_castps256_ps128(v));
+          const __m256d v1 = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
+          _mm256_storeu_pd(acc + w, _mm256_add_pd(_mm256_loadu_pd(acc + w), v0));
+          _mm256_storeu_pd(acc + w + 4, _mm256_add_pd(_mm256_loadu_pd(acc + w + 4), v1));
+        }
+        for (; w < width; ++w) {
+          const float v = FakeQuantOne(xr[w], s, lo, hi);
+          yr[w] = v;
+          acc[w] += static_cast<double>(v);
+        }
+      }
+    }
+  }
+  return 0;
+#endif
+}

@@ -145,6 +145,50 @@ def _fake_quant_kernel(x, scale, qmin, qmax, out=None):
     return y
 
 
+def fake_quant_row_sums_np(x, scale, bits, signed=True, out=None):
+    """(x̂, Σ) for x (..., T, K) float32 and one interval per candidate, scale (C, 1, ..., 1):
+    x̂ = fake_quant_np(x, scale, bits, signed, out=out) (C, ..., T, K) and its sum over the rows,
+    Σ = x̂.sum(axis=-2, dtype=np.float64) (C, ..., K), in one pass by the compiled kernel
+    FakeQuantRowSums where it applies (the same bits), else by numpy."""
+    qmin, qmax = qrange(bits, signed)
+    scale = np.asarray(scale, np.float32)
+    x = np.asarray(x, np.float32)
+    fn = layout = None
+    if x.ndim >= 2 and x.shape[-1] >= 8 and x.size >= KERNEL_MIN_ELEMS and not _NO_VECTOR_KERNEL[0]:
+        layout = _fake_quant_layout(x.shape, scale.shape)
+        if layout is not None and layout[1] == 1 and layout[2] == 1 and scale.size == layout[0][0]:
+            fn = _row_sums_kernel()
+    if fn is not None:
+        shape = tuple(layout[0])
+        c = shape[0]
+        if out is not None and (out.shape != shape or out.dtype != np.float32 or not out.flags.c_contiguous):
+            raise ValueError(f"fake_quant_row_sums_np: out is {out.dtype} {out.shape}; expected a C-contiguous "
+                             f"float32 array of shape {shape}")
+        y = np.empty(shape, np.float32) if out is None else out
+        sums = np.empty(shape[:-2] + shape[-1:], np.float64)
+        xc = np.ascontiguousarray(x)
+        rows, width = x.shape[-2], x.shape[-1]
+        status = fn(xc.ctypes.data, xc.size // (rows * width), rows, width,
+                    np.ascontiguousarray(scale.reshape(c)).ctypes.data, c, float(qmin), float(qmax),
+                    y.ctypes.data, sums.ctypes.data)
+        if status == 0:
+            return y, sums
+        if status != 3:
+            raise RuntimeError("FakeQuantRowSums: bad arguments")
+        _NO_VECTOR_KERNEL[0] = True
+    y = fake_quant_np(x, scale, bits, signed, out=out)
+    return y, y.sum(axis=-2, dtype=np.float64)
+
+
+def _row_sums_kernel():
+    if _NO_VECTOR_KERNEL[0]:
+        return None
+    import ctypes
+    from ..kernels import numpy_kernel
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    return numpy_kernel("FakeQuantRowSums", (p, i64, i64, i64, p, i64, ctypes.c_float, ctypes.c_float, p, p))
+
+
 _NO_VECTOR_KERNEL = [False]
 
 

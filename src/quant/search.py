@@ -19,7 +19,7 @@ import numpy as np
 
 from ..distributed import gather_samples
 from ..utils import check_interrupted
-from .quantizer import fake_quant_np
+from .quantizer import fake_quant_np, fake_quant_row_sums_np
 
 EPS = 1e-12
 CHUNK_ELEMS = 1 << 22  # float32 elements of candidate outputs held at once (16 MB): below glibc's
@@ -528,10 +528,11 @@ def _input_search_moments(problem, candidates, b_hat_right, bits, signed, object
         gram_w = (w64.T @ w64).astype(np.float32) if widen else None
         return (target()[0] @ w64).astype(np.float32), w64.sum(axis=0), gram_w
 
-    def quantized_inputs(cs, sl, buf=None):
+    def quantized_inputs(cs, sl, buf, sums=False):  # x̂ (c, n, T, K), or (x̂, Σ_t x̂ (c, n, K) in float64)
         x = a[sl].reshape(-1, n_tok, k)[None]
-        return fake_quant_np(x, _expand_candidates(cs, 3), bits, signed,
-                             out=None if buf is None else flat_view(buf, (len(cs),) + x.shape[1:]))
+        out = flat_view(buf, (len(cs),) + x.shape[1:])
+        quant = fake_quant_row_sums_np if sums else fake_quant_np
+        return quant(x, _expand_candidates(cs, 3), bits, signed, out=out)
 
     w_bias = w64.T @ bt.bias
     sample_elems = n_tok * max(k, w.shape[0])
@@ -563,9 +564,10 @@ def _input_search_moments(problem, candidates, b_hat_right, bits, signed, object
             x_sum = None if x_sums is None else x_sums.get((c0, i))
             if (c0, i) not in parts:
                 tw, w_sum, gram_w = weight_sums()
-                xc = quantized_inputs(cs, sl, buf)
                 if x_sum is None:
-                    x_sum = xc.sum(axis=2, dtype=np.float64)                    # (c, n, K)
+                    xc, x_sum = quantized_inputs(cs, sl, buf, sums=True)
+                else:
+                    xc = quantized_inputs(cs, sl, buf)
                 if widen:
                     s_oo0 = np.einsum("cntk,cntk->cn", xc @ gram_w, xc).astype(np.float64)
                 else:
@@ -575,7 +577,7 @@ def _input_search_moments(problem, candidates, b_hat_right, bits, signed, object
                 if x_sums is not None:
                     x_sums[c0, i] = x_sum
             elif x_sum is None:
-                x_sum = quantized_inputs(cs, sl, buf).sum(axis=2, dtype=np.float64)
+                x_sum = quantized_inputs(cs, sl, buf, sums=True)[1]
             cross0, s_o0, s_oo0 = parts[c0, i]
             cross = cross0 + bt.t_bias[sl]
             s_o = s_o0 + bt.const_o
