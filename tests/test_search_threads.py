@@ -136,3 +136,42 @@ def test_openblas_on_one_thread_while_the_pool_runs():
         seen.clear()
         for_each_chunk(fn, range(3))
     assert set(seen) == {before}
+
+
+@pytest.mark.parametrize("threads,chunks,sets", [(3, 10, 3), (3, 2, 2), (1, 5, 1)])
+def test_work_buffers_one_set_per_thread_from_the_caller(threads, chunks, sets):
+    """The chunks' work buffers (search.WorkBuffers): made by the calling thread, a set per
+    thread that runs chunks (no more), and never lent to two chunks at once."""
+    made, in_use, lent = [], set(), []
+    lock = threading.Lock()
+
+    def make():
+        made.append(threading.current_thread())
+        return np.empty(4)
+
+    def fn(start):
+        with work.lend() as buf:
+            with lock:
+                assert id(buf) not in in_use
+                in_use.add(id(buf))
+                lent.append(id(buf))
+            threading.Event().wait(0.01)
+            with lock:
+                in_use.discard(id(buf))
+    with search_threads(threads):
+        work = search.WorkBuffers(make, chunks)
+        for_each_chunk(fn, range(chunks))
+    assert made == [threading.current_thread()] * sets
+    assert len(lent) == chunks and len(set(lent)) <= sets and not in_use
+
+
+def test_kept_heap_memory_yields_and_restores():
+    """kept_heap_memory: the allocator settings apply inside (True with glibc) and an error
+    inside the block still leaves it (the memory is given back)."""
+    with search.kept_heap_memory() as ok:
+        big = np.ones(1 << 23)  # 64 MB: from the heap, not a mapping, while it applies
+        assert big.sum() == 1 << 23
+    assert ok == (search._libc() is not None)
+    with pytest.raises(ValueError, match="inside"):
+        with search.kept_heap_memory():
+            raise ValueError("inside")
