@@ -253,6 +253,7 @@ def test_rank_hinge_pairs_kernel_bit_identical(c, n, h, t, num, chunk, monkeypat
     ((40, 1), (3, 1, 96)),              # x broadcast along its own last axis (numpy's path)
 ])
 @pytest.mark.parametrize("bits_,signed", [(8, True), (4, True), (4, False), (2, True), (16, False)])
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # numpy's path on ±3e38
 def test_fake_quant_candidates_kernel_bit_identical(x_shape, s_shape, bits_, signed, monkeypatch):
     """The interval search's fake quantizer (quantizer.fake_quant_np) through the compiled kernel
     (FakeQuantCandidates) and through numpy's passes: the same bits for every broadcast of the
@@ -283,6 +284,7 @@ def test_fake_quant_candidates_kernel_bit_identical(x_shape, s_shape, bits_, sig
 
 @pytest.mark.parametrize("x_shape,c", [((1, 3, 40, 96), 7), ((2, 17, 128), 5), ((1, 1, 197, 20), 3), ((1, 4, 9, 8), 2)])
 @pytest.mark.parametrize("bits_,signed", [(8, True), (4, False), (3, True)])
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # numpy's path on ±3e38
 def test_fake_quant_row_sums_kernel_bit_identical(x_shape, c, bits_, signed, monkeypatch):
     """The input search's fake quantizer with its sums over tokens (quantizer.fake_quant_row_sums_np)
     through the compiled kernel (FakeQuantRowSums) and through numpy (fake_quant_np, then
