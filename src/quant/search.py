@@ -13,7 +13,6 @@ import contextlib
 import functools
 import os
 import queue
-import threading
 
 import numpy as np
 
