@@ -7,6 +7,8 @@ QuantizeLinear do:
 
     q = clip(round(x / Δ), qmin, qmax),   x̂ = q · Δ
 """
+import ctypes
+
 import numpy as np
 from mindspore import ops
 
@@ -180,27 +182,26 @@ def fake_quant_row_sums_np(x, scale, bits, signed=True, out=None):
     return y, y.sum(axis=-2, dtype=np.float64)
 
 
-def _row_sums_kernel():
+_NO_VECTOR_KERNEL = [False]  # set when the kernels were built without AVX (numpy computes then)
+
+
+def _vector_kernel(name, *argtypes):
+    """The compiled numpy kernel `name` of cpu_ops.cc, or None (kernels off, or not vectorized
+    on this CPU)."""
     if _NO_VECTOR_KERNEL[0]:
         return None
-    import ctypes
     from ..kernels import numpy_kernel
-    p, i64 = ctypes.c_void_p, ctypes.c_int64
-    return numpy_kernel("FakeQuantRowSums", (p, i64, i64, i64, p, i64, ctypes.c_float, ctypes.c_float, p, p))
-
-
-_NO_VECTOR_KERNEL = [False]
+    return numpy_kernel(name, argtypes)
 
 
 def _fq_kernel():
-    """The compiled FakeQuantCandidates, or None (kernels off, or not vectorized on this CPU)."""
-    if _NO_VECTOR_KERNEL[0]:
-        return None
-    import ctypes
-    from ..kernels import numpy_kernel
-    p, i64 = ctypes.c_void_p, ctypes.c_int64
-    return numpy_kernel("FakeQuantCandidates",
-                        (p, i64, p, i64, i64, i64, ctypes.c_float, ctypes.c_float, p, ctypes.c_int))
+    p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+    return _vector_kernel("FakeQuantCandidates", p, i64, p, i64, i64, i64, f32, f32, p, ctypes.c_int)
+
+
+def _row_sums_kernel():
+    p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+    return _vector_kernel("FakeQuantRowSums", p, i64, i64, i64, p, i64, f32, f32, p, p)
 
 
 def fake_quant(x, scale, qmin, qmax):
